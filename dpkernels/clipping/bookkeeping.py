@@ -1,0 +1,22 @@
+"""Bookkeeping: one backward pass.
+
+The backward pass computes every per-sample norm and keeps each layer's per-sample view
+(A and G for Linear, per-sample gradients for small layers); once every norm is known,
+sum_i c_i g_i is formed per layer (one GEMM over all B*T rows for Linear) and added to p.grad.
+Autograd's own (unclipped) parameter gradients from that pass are discarded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ghost import norms_pass
+
+
+def bookkeeping_backward(module, loss_per_sample: torch.Tensor, loss_reduction: str) -> None:
+    coef = norms_pass(module, loss_per_sample, loss_reduction, retain_graph=False)
+    try:
+        module.add_clipped_grads(coef)
+    finally:
+        module.clear_step_state()
+    module.fill_missing_grads()

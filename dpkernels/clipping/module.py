@@ -1,0 +1,230 @@
+"""The module wrapper shared by every dpkernels mode: hooks, per-sample norms, coefficients.
+
+One DP step, as data:
+
+    forward    forward hooks keep each trainable layer's inputs A              [all modes]
+    backward   backward hooks see each layer's output gradient G:
+                 view = samples_of(layer, A, G)   (dpkernels.layers)
+                 norm_sq[layer] = view.norm_sq()  (summed over the layer's params)
+                 bookkeeping modes keep the view; ghost modes drop it
+    then       c_i = min(1, C / (||g_i|| + 1e-6))  with ||g_i||^2 = sum over layers of norm_sq
+               ghost: a second backward of sum_i c_i loss_i        (clipping/ghost.py)
+               bk:    p.grad += view.clipped_grad(c) per layer      (clipping/bookkeeping.py)
+    optimizer  Opacus: noise, division by the expected batch size, accountant
+
+Under ``loss_reduction="mean"`` the hooks see G / B, so norms are scaled by B^2 and coefficients by B.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from torch import nn
+
+from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
+from ..layers import rule_for, samples_of
+from ..reference import clip_coefficients
+
+
+def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """Every module that owns a trainable parameter directly (recurse=False), with its name."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    ]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise one error listing every trainable module that has no per-sample rule."""
+    bad = [f"{name or '<root>'} ({type(m).__module__}.{type(m).__name__})" for name, m in trainable_layers(model) if rule_for(m) is None]
+    if bad:
+        raise UnsupportedModuleError(
+            "these modules own trainable parameters but have no per-sample gradient rule: "
+            + ", ".join(bad)
+            + ". Freeze them (requires_grad_(False)), replace them with supported layers "
+            "(Linear, Embedding, LayerNorm, RMSNorm, GroupNorm, Conv1d, Conv2d, or a type with an "
+            "Opacus grad sampler), or register an Opacus grad sampler for their type."
+        )
+
+
+def check_untied(model: nn.Module) -> None:
+    """Raise if a trainable parameter is owned by several module paths (tied weights, shared modules)."""
+    owners: Dict[int, List[str]] = {}
+    for mod_name, m in model.named_modules(remove_duplicate=False):
+        for p_name, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    tied = [names for names in owners.values() if len(names) > 1]
+    if tied:
+        groups = "; ".join(" = ".join(names) for names in tied)
+        raise TiedParameterError(
+            f"tied or shared trainable parameters are not supported: {groups}. Per-sample norms "
+            "of a shared parameter need the sum of its gradients from every use; untie them "
+            "(copy the weight) or freeze them."
+        )
+
+
+class DPClippingModule(GradSampleModuleFastGradientClipping):
+    """An Opacus fast-gradient-clipping module whose per-sample norms come from dpkernels' layer rules.
+
+    Drop-in for ``opacus.grad_sample.GradSampleModuleFastGradientClipping`` (same constructor,
+    ``get_norm_sample``, ``get_clipping_coef``, ``param._norm_sample``), plus:
+      keep_samples:  keep every layer's per-sample view for bookkeeping (one backward pass)
+      linear_norm:   "auto" (PyTorch ghost/direct by cost), "ghost", "direct" or "flash"
+    """
+
+    def __init__(
+        self,
+        m: nn.Module,
+        *,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        strict: bool = True,
+        force_functorch: bool = False,
+        max_grad_norm: float = 1.0,
+        use_ghost_clipping: bool = True,
+        keep_samples: bool = False,
+        linear_norm: str = "auto",
+    ):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        check_supported(m)
+        check_untied(m)
+        self._init_step_state(keep_samples, linear_norm)
+        super().__init__(
+            m,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            strict=strict,
+            force_functorch=force_functorch,
+            max_grad_norm=max_grad_norm,
+            use_ghost_clipping=use_ghost_clipping,
+        )
+
+    def _init_step_state(self, keep_samples: bool, linear_norm: str) -> None:
+        # set before nn.Module.__init__ runs inside super().__init__, so stored via object.__setattr__
+        object.__setattr__(self, "keep_samples", keep_samples)
+        object.__setattr__(self, "linear_norm", linear_norm)
+        object.__setattr__(self, "_inputs", {})
+        object.__setattr__(self, "_layer_norm_sq", [])
+        object.__setattr__(self, "_kept", [])
+        object.__setattr__(self, "_layer_names", {})
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
+        """Forward and backward hooks on every module that owns trainable parameters directly."""
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        for name, layer in trainable_layers(self._module):
+            self._layer_names[layer] = name or "<root>"
+            self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self.capture_activations_hook))
+            self.autograd_grad_sample_hooks.append(layer.register_full_backward_hook(self.capture_backprops_hook))
+        self.enable_hooks()
+
+    def forward(self, *args, **kwargs):
+        self._inputs.clear()  # inputs of a forward pass that never got a backward pass
+        return self._module(*args, **kwargs)
+
+    def capture_activations_hook(self, module: nn.Module, forward_input, _forward_output) -> None:
+        if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return
+        if module in self._inputs:
+            raise TiedParameterError(
+                f"layer {self._layer_names[module]} ({type(module).__name__}) ran twice in one forward "
+                "pass; a reused layer's per-sample norm needs the sum of both uses' gradients. "
+                "Use a separate layer for each call."
+            )
+        self._inputs[module] = tuple(t.detach() if torch.is_tensor(t) else t for t in forward_input)
+
+    def capture_backprops_hook(self, module: nn.Module, _grad_input, grad_output) -> None:
+        if not self.hooks_enabled:
+            return
+        name = self._layer_names[module]
+        if module not in self._inputs:
+            raise RuntimeError(
+                f"layer {name}: backward reached it without a recorded input; run the forward pass "
+                "through the wrapped model in train mode with gradients enabled, once per backward"
+            )
+        inputs = self._inputs.pop(module)
+        G = grad_output[0].detach()
+        if not self.batch_first:
+            inputs = tuple(t.movedim(1, 0) if torch.is_tensor(t) else t for t in inputs)
+            G = G.movedim(1, 0)
+        scale = G.shape[0] if self.loss_reduction == "mean" else 1
+        try:
+            view = samples_of(module, inputs, G, linear_method=self.linear_norm)
+            norms = view.norm_sq()
+        except LayerInputError as e:
+            raise LayerInputError(f"layer {name} ({type(module).__name__}): {e}") from None
+        layer_sq = None
+        for p, sq in norms.items():
+            sq = sq * (scale * scale)
+            p._norm_sample = sq.sqrt()
+            layer_sq = sq if layer_sq is None else layer_sq + sq
+        if layer_sq is not None:
+            self._layer_norm_sq.append((name, layer_sq))
+        if self.keep_samples:
+            self._kept.append((view, scale))
+
+    # ---- norms and coefficients ----------------------------------------------------------------
+    def get_norm_sample(self) -> torch.Tensor:
+        """||g_i|| over every trainable parameter, [B]; raises NonFiniteNormError on NaN/Inf."""
+        if not self._layer_norm_sq:
+            raise RuntimeError("no per-sample norms: call backward on a loss of the wrapped model first")
+        self._check_one_batch_size()
+        device = self._layer_norm_sq[0][1].device
+        table = torch.stack([sq.to(device) for _, sq in self._layer_norm_sq])  # [layers, B]
+        total = table.sum(0)
+        if not bool(torch.isfinite(total).all()):
+            raise NonFiniteNormError(self._describe_non_finite(table))
+        norms = total.sqrt()
+        self.per_sample_gradient_norms = norms
+        return norms
+
+    def _check_one_batch_size(self) -> None:
+        sizes = {name: sq.shape[0] for name, sq in self._layer_norm_sq}
+        if len(set(sizes.values())) > 1:
+            raise LayerInputError(
+                f"layers saw different batch sizes {sizes}: every trainable layer must be called on "
+                "inputs whose first dimension is the batch (e.g. expand position ids to [B, T] before "
+                "a position Embedding, instead of broadcasting its [T, d] output)"
+            )
+
+    def _describe_non_finite(self, table: torch.Tensor) -> str:
+        bad = ~torch.isfinite(table)
+        layers = [self._layer_norm_sq[i][0] for i in bad.any(1).nonzero().flatten().tolist()]
+        samples = bad.any(0).nonzero().flatten().tolist()
+        return (
+            f"per-sample gradient norm is NaN or Inf for samples {samples} (batch positions) in layers "
+            f"{layers}; the step was refused and gradients were left untouched. Check the inputs and "
+            "the loss of those samples (or lower the learning rate / use loss scaling)."
+        )
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """c_i = min(1, C / (||g_i|| + 1e-6)), [B]."""
+        return clip_coefficients(self.get_norm_sample(), self.max_grad_norm)
+
+    def add_clipped_grads(self, coef: torch.Tensor) -> None:
+        """Bookkeeping: p.grad += sum_i c_i g_i for every kept layer (uses, then drops, the views)."""
+        kept, self._kept[:] = list(self._kept), []
+        for view, scale in kept:
+            for p, g in view.clipped_grad(coef * scale).items():
+                g = g.to(p.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+
+    def fill_missing_grads(self) -> None:
+        """Give every trainable parameter without a gradient a zero one (it still gets noise)."""
+        for p in self.trainable_parameters:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def clear_step_state(self) -> None:
+        """Drop cached inputs, norms and kept views (end of a step, or a refused step)."""
+        self._inputs.clear()
+        self._layer_norm_sq.clear()
+        self._kept.clear()

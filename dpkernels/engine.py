@@ -1,0 +1,66 @@
+"""``dpkernels.PrivacyEngine``: ``opacus.PrivacyEngine`` with the dpkernels clipping modes.
+
+Every Opacus ``grad_sample_mode`` still goes to Opacus.  For a dpkernels mode (see ``dpkernels.modes``)
+``make_private`` returns ``(model, optimizer, criterion, data_loader)`` like Opacus's ghost mode:
+the model is a :class:`DPClippingModule`, the optimizer Opacus's ``DPOptimizerFastGradientClipping``
+(noise, scaling, accountant hook, ``secure_mode`` and ``noise_generator`` unchanged), and the criterion
+a :class:`DPCriterion` whose ``backward()`` runs the mode's clipping.
+"""
+
+from __future__ import annotations
+
+import opacus
+from opacus.grad_sample import AbstractGradSampleModule
+from torch import nn
+
+from .clipping import DPClippingModule, DPCriterion, bookkeeping_backward, ghost_backward
+from .modes import MODES, get_mode
+
+
+class PrivacyEngine(opacus.PrivacyEngine):
+    """Opacus's PrivacyEngine, plus ``grad_sample_mode`` in ``dpkernels.modes.MODES``."""
+
+    def _prepare_model(self, module: nn.Module, *, grad_sample_mode: str = "hooks", **kwargs):
+        if grad_sample_mode not in MODES:
+            return super()._prepare_model(module, grad_sample_mode=grad_sample_mode, **kwargs)
+        mode = get_mode(grad_sample_mode)
+        if not kwargs.get("wrap_model", True):
+            raise ValueError(f"grad_sample_mode={mode.name!r} needs wrap_model=True")
+        self.validate(module=module, optimizer=None, data_loader=None)
+        if isinstance(module, AbstractGradSampleModule):
+            raise ValueError("pass the plain nn.Module to make_private, not an already wrapped one")
+        return DPClippingModule(
+            module,
+            batch_first=kwargs.get("batch_first", True),
+            loss_reduction=kwargs.get("loss_reduction", "mean"),
+            max_grad_norm=kwargs.get("max_grad_norm", 1.0),
+            keep_samples=mode.passes == 1,
+            linear_norm=mode.linear_norm,
+        )
+
+    def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", clipping: str = "flat", distributed: bool = False, **kwargs):
+        if grad_sample_mode in MODES:
+            if clipping != "flat" or distributed:
+                raise ValueError(
+                    f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on one process; "
+                    f"got clipping={clipping!r}, distributed={distributed}"
+                )
+            # Opacus's fast-gradient-clipping optimizer: it only adds noise and scales.
+            grad_sample_mode = "ghost"
+        return super()._prepare_optimizer(grad_sample_mode=grad_sample_mode, clipping=clipping, distributed=distributed, **kwargs)
+
+    def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
+        if not isinstance(module, DPClippingModule):
+            return super()._prepare_criterion(module=module, optimizer=optimizer, criterion=criterion, loss_reduction=loss_reduction, **kwargs)
+        backward = bookkeeping_backward if module.keep_samples else ghost_backward
+        return DPCriterion(module, criterion, loss_reduction, backward)
+
+    def make_private(self, *, criterion=None, grad_sample_mode: str = "hooks", loss_reduction: str = "mean", **kwargs):
+        """As ``opacus.PrivacyEngine.make_private``; dpkernels modes return (model, optimizer, criterion, data_loader)."""
+        criterion = nn.CrossEntropyLoss(reduction=loss_reduction) if criterion is None else criterion
+        result = super().make_private(criterion=criterion, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction, **kwargs)
+        if grad_sample_mode not in MODES or len(result) == 4:
+            return result
+        module, optimizer, data_loader = result
+        criterion = self._prepare_criterion(module=module, optimizer=optimizer, criterion=criterion, loss_reduction=loss_reduction)
+        return module, optimizer, criterion, data_loader

@@ -1,0 +1,64 @@
+"""Per-layer rules: each layer family answers two questions about one call of the layer.
+
+    view = samples_of(module, inputs, G)    inputs: the layer's forward inputs, G: grad of its output
+    view.norm_sq()        -> {param: [B]}   per-sample squared gradient norm of each trainable param
+    view.clipped_grad(c)  -> {param: grad}  sum_i c_i g_i for each trainable param
+
+The clipping algorithms (ghost, bookkeeping) only orchestrate these two calls.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import nn
+
+from .conv import ConvSamples
+from .embedding import EmbeddingSamples
+from .linear import LinearSamples, accumulation_dtype
+from .norms import NormLayerSamples
+
+FAMILIES = {
+    nn.Linear: LinearSamples,
+    nn.Embedding: EmbeddingSamples,
+    nn.LayerNorm: NormLayerSamples,
+    nn.RMSNorm: NormLayerSamples,
+    nn.GroupNorm: NormLayerSamples,
+    nn.Conv1d: ConvSamples,
+    nn.Conv2d: ConvSamples,
+}
+
+
+class MaterialisedSamples:
+    """Fallback for other layer types: Opacus's registered grad sampler materialises [B, *shape]."""
+
+    def __init__(self, module: nn.Module, inputs, G: torch.Tensor):
+        sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
+        grads = sampler(module, list(inputs), G)
+        self.grads = {p: g for p, g in grads.items() if p.requires_grad}
+
+    def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
+        return {p: g.to(accumulation_dtype(g)).flatten(1).pow(2).sum(1) for p, g in self.grads.items()}
+
+    def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        return {p: torch.einsum("b...,b->...", g.to(accumulation_dtype(g)), coef.to(accumulation_dtype(g))) for p, g in self.grads.items()}
+
+
+def rule_for(module: nn.Module) -> Optional[type]:
+    """The per-sample class for this module's exact type, or None if the type is unsupported."""
+    kind = type(module)
+    if kind in FAMILIES:
+        return FAMILIES[kind]
+    if kind in GradSampleModule.GRAD_SAMPLERS:
+        return MaterialisedSamples
+    return None
+
+
+def samples_of(module: nn.Module, inputs, G: torch.Tensor, linear_method: str = "auto"):
+    """The per-sample view of one call of ``module`` (see the module docstring)."""
+    rule = rule_for(module)
+    if rule is LinearSamples:
+        return LinearSamples(module, inputs, G, method=linear_method)
+    return rule(module, inputs, G)

@@ -1,0 +1,122 @@
+"""Per-sample gradient norms and clipped gradients of ``nn.Linear``.
+
+Notation (one call of the layer, ``B`` samples):
+    A: [B, T, d]  layer input (rank-2 inputs have T = 1, rank >= 4 inputs fold the middle dims into T)
+    G: [B, T, p]  gradient of each sample's loss with respect to the layer output
+Per-sample gradients: W_i = G_i^T A_i  [p, d] and b_i = sum_t g_{i,t}  [p].
+
+Two exact strategies for ||W_i||_F^2:
+    ghost   <A_i A_i^T, G_i G_i^T>_F     2 B T^2 (d + p) flops, 2 B T^2 memory
+    direct  ||G_i^T A_i||_F^2            2 B T d p flops,      B d p memory
+``choose_method`` picks the cheaper one from the shapes on every call (T changes between steps).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..errors import LayerInputError
+
+METHODS = ("auto", "ghost", "direct", "flash")
+
+
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (norms of bf16/fp16 data are summed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def as_sequence(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
+    """View ``x`` of shape [B, ..., width] as [B, T, width]; rank 2 gives T = 1."""
+    if x.dim() < 2 or x.shape[-1] != width:
+        raise LayerInputError(
+            f"{what} must have shape [B, ..., {width}] with a batch dimension first, got {tuple(x.shape)}"
+        )
+    T = 1
+    for n in x.shape[1:-1]:
+        T *= n
+    return x.reshape(x.shape[0], T, width)
+
+
+def choose_method(B: int, T: int, d: int, p: int) -> str:
+    """Cheaper exact strategy for these shapes: ghost iff T (d + p) < d p (fewer flops, less memory)."""
+    return "ghost" if T * (d + p) < d * p else "direct"
+
+
+def weight_norm_sq_ghost(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """sum_{s,t} (a_s . a_t)(g_s . g_t) per sample.  A: [B, T, d], G: [B, T, p] -> [B]."""
+    dt = accumulation_dtype(A, G)
+    A, G = A.to(dt), G.to(dt)
+    gram_a = torch.bmm(A, A.transpose(1, 2))
+    gram_g = torch.bmm(G, G.transpose(1, 2))
+    return (gram_a * gram_g).sum(dim=(1, 2))
+
+
+def weight_norm_sq_direct(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """||G_i^T A_i||_F^2 with the per-sample gradients materialised.  A: [B, T, d], G: [B, T, p] -> [B]."""
+    dt = accumulation_dtype(A, G)
+    per_sample = torch.bmm(G.to(dt).transpose(1, 2), A.to(dt))
+    return per_sample.pow(2).sum(dim=(1, 2))
+
+
+def bias_norm_sq(G: torch.Tensor) -> torch.Tensor:
+    """||sum_t g_t||^2 per sample (the sum over t comes before the square).  G: [B, T, p] -> [B]."""
+    return G.to(accumulation_dtype(G)).sum(dim=1).pow(2).sum(dim=1)
+
+
+def weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Per-sample ||W_i||_F^2 by ``method`` ("auto" decides per call).  A: [B, T, d], G: [B, T, p] -> [B]."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    B, T, d = A.shape
+    p = G.shape[-1]
+    if method == "auto":
+        method = choose_method(B, T, d, p)
+    if method == "ghost":
+        return weight_norm_sq_ghost(A, G)
+    if method == "direct":
+        return weight_norm_sq_direct(A, G)
+    from ..kernels import flash_weight_norm_sq  # imported late: Triton is optional
+
+    return flash_weight_norm_sq(A, G)
+
+
+def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i coef_i G_i^T A_i as one GEMM over all B*T rows.  -> [p, d] in the accumulation dtype."""
+    dt = accumulation_dtype(A, G)
+    scaled = G.to(dt) * coef.to(dt)[:, None, None]
+    return scaled.reshape(-1, G.shape[-1]).t() @ A.to(dt).reshape(-1, A.shape[-1])
+
+
+def clipped_bias_grad(G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i coef_i sum_t g_{i,t}.  G: [B, T, p] -> [p]."""
+    dt = accumulation_dtype(G)
+    return torch.einsum("btp,b->p", G.to(dt), coef.to(dt))
+
+
+class LinearSamples:
+    """The per-sample gradients of one ``nn.Linear`` call, kept as the factors (A, G)."""
+
+    def __init__(self, module: nn.Linear, inputs, G: torch.Tensor, method: str = "auto"):
+        self.module = module
+        self.A = as_sequence(inputs[0], module.in_features, "nn.Linear input")
+        self.G = as_sequence(G, module.out_features, "nn.Linear output gradient")
+        self.method = method
+
+    def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
+        out = {}
+        if self.module.weight.requires_grad:
+            out[self.module.weight] = weight_norm_sq(self.A, self.G, self.method)
+        if self.module.bias is not None and self.module.bias.requires_grad:
+            out[self.module.bias] = bias_norm_sq(self.G)
+        return out
+
+    def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        out = {}
+        if self.module.weight.requires_grad:
+            out[self.module.weight] = clipped_weight_grad(self.A, self.G, coef)
+        if self.module.bias is not None and self.module.bias.requires_grad:
+            out[self.module.bias] = clipped_bias_grad(self.G, coef)
+        return out

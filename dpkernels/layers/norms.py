@@ -1,0 +1,90 @@
+"""Per-sample gradient norms and clipped gradients of ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.GroupNorm``.
+
+The layer is y = x_hat * w + b with x_hat the input normalised without the affine map, and w, b
+broadcast over the positions that are not normalised together.  Notation (``B`` samples):
+    x_hat: [B, N, P]  normalised input, P = number of entries of w (and b), N = positions sharing them
+    G:     [B, N, P]  gradient of each sample's loss with respect to the layer output, same layout
+Per-sample gradients: w_i = sum_n g_{i,n} * x_hat_{i,n}  [P] and b_i = sum_n g_{i,n}  [P].
+
+These are as small as the parameters ([B, *param.shape]), so they are computed once, eagerly,
+and the input and output gradient are dropped.
+Layouts: LayerNorm/RMSNorm x: [B, *mid, *normalized_shape] -> N = prod(mid), P = prod(normalized_shape);
+GroupNorm x: [B, C, *spatial] -> N = prod(spatial), P = C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LayerInputError
+from .linear import accumulation_dtype
+
+
+def check_shapes(module: nn.Module, x: torch.Tensor, G: torch.Tensor) -> None:
+    """Raise LayerInputError unless x has the batched layout ``module`` normalises and G matches it."""
+    if isinstance(module, nn.GroupNorm):
+        ok = x.dim() >= 2 and x.shape[1] == module.num_channels
+        expected = f"[B, {module.num_channels}, ...]"
+    else:
+        shape = tuple(module.normalized_shape)
+        ok = x.dim() > len(shape) and tuple(x.shape[x.dim() - len(shape) :]) == shape
+        expected = f"[B, ..., {', '.join(map(str, shape))}]"
+    name = type(module).__name__
+    if not ok:
+        raise LayerInputError(
+            f"nn.{name} input must have shape {expected} with a batch dimension first, got {tuple(x.shape)}"
+        )
+    if G.shape != x.shape:
+        raise LayerInputError(
+            f"nn.{name} output gradient must have the input's shape {tuple(x.shape)}, got {tuple(G.shape)}"
+        )
+
+
+def normalised_input(module: nn.Module, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """x_hat: the input normalised without the affine map, computed in dtype ``dt``.  x: [B, ...] -> same shape."""
+    xd = x.to(dt)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(xd, module.num_groups, None, None, module.eps)
+    shape = tuple(module.normalized_shape)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(xd, shape, None, None, module.eps)
+    eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps  # nn.RMSNorm's default
+    return F.rms_norm(xd, shape, None, eps)
+
+
+def as_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like the input, as [B, N, P] (see the module docstring)."""
+    B = t.shape[0]
+    if isinstance(module, nn.GroupNorm):
+        C = module.num_channels
+        return t.reshape(B, C, math.prod(t.shape[2:])).transpose(1, 2)
+    P = math.prod(module.normalized_shape)
+    return t.reshape(B, math.prod(t.shape[1:]) // P, P)
+
+
+class NormLayerSamples:
+    """The per-sample gradients of one LayerNorm / RMSNorm / GroupNorm call, materialised ([B, *param.shape])."""
+
+    def __init__(self, module: nn.Module, inputs, G: torch.Tensor):
+        x = inputs[0]
+        check_shapes(module, x, G)
+        dt = accumulation_dtype(x, G)
+        B = x.shape[0]
+        rows = as_rows(module, G.to(dt))
+        self.grads = {}
+        if module.weight is not None and module.weight.requires_grad:
+            x_hat = as_rows(module, normalised_input(module, x, dt))
+            self.grads[module.weight] = (rows * x_hat).sum(dim=1).reshape(B, *module.weight.shape)
+        if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+            self.grads[module.bias] = rows.sum(dim=1).reshape(B, *module.bias.shape)
+
+    def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
+        return {p: g.flatten(1).pow(2).sum(dim=1) for p, g in self.grads.items()}
+
+    def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        return {p: torch.einsum("b...,b->...", g, coef.to(g.dtype)) for p, g in self.grads.items()}

@@ -1,0 +1,337 @@
+"""dpkernels.PrivacyEngine as an Opacus user drives it: shapes of make_private, a training step,
+gradient accumulation, errors that name the layer, noise and accounting left to Opacus."""
+
+from __future__ import annotations
+
+import copy
+
+import opacus
+import pytest
+import torch
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import nn
+
+from dpkernels import MODES, PrivacyEngine
+from dpkernels.clipping import DPClippingModule, DPCriterion
+from dpkernels.errors import CriterionError, LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
+from dpkernels.models import MLP
+from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update
+
+MODE_NAMES = sorted(MODES)
+MLP_CASE = Case("mlp", MLP, lambda B: (torch.randn(B, 12), torch.randint(0, 5, (B,))))
+
+
+def mlp_batch(B, dtype=torch.float32):
+    return torch.randn(B, 12, dtype=dtype), torch.randint(0, 5, (B,))
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_make_private_returns_model_optimizer_criterion_loader(mode):
+    model = MLP()
+    dp_model, optimizer, criterion, loader = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean")
+    assert isinstance(dp_model, DPClippingModule)
+    assert isinstance(optimizer, DPOptimizerFastGradientClipping)
+    assert isinstance(criterion, DPCriterion)
+    assert isinstance(loader, torch.utils.data.DataLoader)
+
+
+def test_opacus_modes_still_go_to_opacus():
+    result = make_private(MLP(), mlp_batch(4), MLP_CASE, "hooks", 1.0, "mean")
+    assert len(result) == 3
+    assert isinstance(result[0], opacus.GradSampleModule)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_every_trainable_parameter_steps_and_the_optimizer_holds_them(mode):
+    model = MLP()
+    model.fc1.bias.requires_grad_(False)
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean", noise=1.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = mlp_batch(4)
+    criterion(dp_model(x), y).backward()
+    optimizer.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old) != p.requires_grad, "trainable parameters move, frozen ones do not"
+    assert len(trainable) == 5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_gradient_accumulation_equals_one_large_batch(mode, reduction):
+    torch.manual_seed(3)
+    model = MLP().double()
+    batch = mlp_batch(6, torch.float64)
+    C, expected, _ = oracle_update(model, batch, MLP_CASE, reduction)
+    dp_model, optimizer, criterion, _ = make_private(model, batch, MLP_CASE, mode, C, reduction)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch
+    for part in (slice(0, 2), slice(2, 6)):
+        criterion(dp_model(x[part]), y[part]).backward()
+    optimizer.step()
+    for n, p in model.named_parameters():
+        assert_rel_close(n, before[n] - p.detach(), expected[n], torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_single_sample_and_empty_batch(mode):
+    torch.manual_seed(4)
+    model = MLP().double()
+    batch = mlp_batch(1, torch.float64)
+    C, expected, _ = oracle_update(model, batch, MLP_CASE, "mean", quantile=0.0)
+    got = dp_update(model, batch, MLP_CASE, mode, C / 2, "mean")  # the only sample is clipped
+    assert_rel_close("B=1", torch.cat([g.flatten() for g in got.values()]), torch.cat([e.flatten() for e in expected.values()]) / 2, torch.float64)
+
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean", noise=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = mlp_batch(0, torch.float64)
+    criterion(dp_model(x), y).backward()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "noise 0 and no samples: no change"
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_non_finite_norm_refuses_the_step_and_names_the_sample(mode):
+    model = MLP()
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "sum")
+    x, y = mlp_batch(4)
+    criterion(dp_model(x[:2]), y[:2]).backward()  # an accumulated micro-batch must survive
+    grads = [p.grad.clone() for p in model.parameters()]
+    x[3, 0] = float("nan")
+    with pytest.raises(NonFiniteNormError, match=r"samples \[3\]"):
+        criterion(dp_model(x), y).backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._layer_norm_sq == []
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class WithUnsupported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Custom()
+        self.fc = nn.Linear(3, 3)
+        self.b = nn.Bilinear(3, 3, 2)
+
+    def forward(self, x):
+        h = self.fc(self.a(x))
+        return self.b(h, h)
+
+
+def test_unsupported_modules_are_all_listed_at_make_private():
+    with pytest.raises(UnsupportedModuleError) as err:
+        make_private(WithUnsupported(), mlp_batch(2), MLP_CASE, "bk", 1.0, "mean")
+    message = str(err.value)
+    assert "a (" in message and "Custom" in message and "b (" in message and "Bilinear" in message
+    assert "fc (" not in message
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).mean(1)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = self.first
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("model, names", [(Tied, ["emb.weight", "head.weight"]), (Shared, ["first.weight", "second.weight"])])
+def test_tied_or_shared_parameters_are_refused_by_name(model, names):
+    with pytest.raises(TiedParameterError) as err:
+        make_private(model(), mlp_batch(2), MLP_CASE, "ghost", 1.0, "mean")
+    assert all(n in str(err.value) for n in names)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_a_layer_called_twice_is_refused_by_name(mode):
+    dp_model, _, criterion, _ = make_private(CalledTwice(), mlp_batch(2), MLP_CASE, mode, 1.0, "mean")
+    with pytest.raises(TiedParameterError, match="layer fc .*ran twice"):
+        dp_model(torch.randn(2, 4))
+
+
+class Unbatched(nn.Module):
+    """A position embedding called on [T] ids: its gradient has no batch dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(9, 4)
+        self.pos = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_layer_without_batch_dimension_is_refused(mode):
+    case = Case("unbatched", Unbatched, lambda B: (torch.randint(0, 9, (B, 5)), torch.randint(0, 3, (B,))))
+    dp_model, _, criterion, _ = make_private(Unbatched(), case.batch(3), case, mode, 1.0, "mean")
+    ids, y = case.batch(3)
+    with pytest.raises(LayerInputError, match="different batch sizes"):
+        criterion(dp_model(ids), y).backward()
+
+
+def test_input_of_wrong_rank_names_the_layer():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x[0]).expand(x.shape[0], 2)
+
+    dp_model, _, criterion, _ = make_private(Flat(), mlp_batch(2), MLP_CASE, "bk", 1.0, "mean")
+    with pytest.raises(LayerInputError, match="layer fc"):
+        criterion(dp_model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+
+
+def test_criterion_is_restored_and_must_give_per_sample_losses():
+    crit = nn.CrossEntropyLoss()
+    model = MLP()
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(3), MLP_CASE, "bk", 1.0, "mean")
+    wrapped = DPCriterion(dp_model, crit, "mean", criterion.clipped_backward)
+    x, y = mlp_batch(3)
+    wrapped(dp_model(x), y).backward()
+    assert crit.reduction == "mean"
+    with pytest.raises(ValueError, match="batch_size"):
+        wrapped(dp_model(x), y[:2])  # criterion raises: its reduction must still be restored
+    assert crit.reduction == "mean"
+
+    def bare(out, target):
+        return (out - target).pow(2).mean()
+
+    with pytest.raises(CriterionError, match="reduction"):
+        DPCriterion(dp_model, bare, "mean", criterion.clipped_backward)
+
+    class ScalarLoss(nn.Module):
+        reduction = "mean"
+
+        def forward(self, out, target):
+            return out.sum()
+
+    with pytest.raises(CriterionError, match="one loss per sample"):
+        DPCriterion(dp_model, ScalarLoss(), "mean", criterion.clipped_backward)(dp_model(x), y)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_noise_comes_from_opacus_generator(mode, monkeypatch):
+    """Same seeded generator -> identical noisy updates; the noise goes through Opacus's _generate_noise."""
+    import opacus.optimizers.optimizer_fast_gradient_clipping as fgc
+
+    calls = []
+    real = fgc._generate_noise
+    monkeypatch.setattr(fgc, "_generate_noise", lambda **kw: calls.append(kw) or real(**kw))
+    updates = []
+    for _ in range(2):
+        model = MLP()
+        torch.manual_seed(0)
+        model.load_state_dict(MLP().state_dict())
+        gen = torch.Generator().manual_seed(123)
+        dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean", noise=1.0, noise_generator=gen)
+        torch.manual_seed(1)
+        x, y = mlp_batch(4)
+        before = [p.detach().clone() for p in model.parameters()]
+        criterion(dp_model(x), y).backward()
+        optimizer.step()
+        updates.append([b - p.detach() for b, p in zip(before, model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*updates))
+    assert len(calls) == 2 * len(list(MLP().parameters()))
+    assert all(kw["generator"] is not None for kw in calls)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_accountant_advances_as_with_opacus(mode):
+    def epsilon(engine_cls, grad_sample_mode):
+        model = MLP()
+        data = torch.utils.data.TensorDataset(*mlp_batch(32))
+        loader = torch.utils.data.DataLoader(data, batch_size=8)
+        engine = engine_cls()
+        out = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            criterion=nn.CrossEntropyLoss(), noise_multiplier=1.1, max_grad_norm=1.0,
+            grad_sample_mode=grad_sample_mode,
+        )
+        dp_model, optimizer, criterion, loader = out
+        for x, y in loader:
+            criterion(dp_model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return engine.accountant.history, engine.get_epsilon(1e-5)
+
+    ours = epsilon(PrivacyEngine, mode)
+    theirs = epsilon(opacus.PrivacyEngine, "ghost")
+    assert ours[0] == theirs[0] and len(ours[0]) > 0
+    assert ours[1] == theirs[1]
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_bf16_autocast_is_within_twice_plain_pytorch_bf16_error(mode):
+    """Autocast bf16: norms in float32; the clipped update's error is bounded by PyTorch's own bf16 error."""
+    torch.manual_seed(5)
+    model = MLP(d_in=32, hidden=64)
+    case = Case("mlp32", lambda: MLP(d_in=32, hidden=64), lambda B: (torch.randn(B, 32), torch.randint(0, 5, (B,))))
+    batch = case.batch(8)
+    C, expected, norms = oracle_update(model, batch, case, "mean")
+
+    dp_model, optimizer, criterion, _ = make_private(copy.deepcopy(model), batch, case, mode, C, "mean")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion(dp_model(batch[0]), batch[1])
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in dp_model.parameters()]) / 8
+
+    plain = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(plain(batch[0]), batch[1]).backward()
+    plain_grad = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    exact_plain = torch.cat([g.flatten() for g in _mean_grad(model, batch).values()])
+
+    ref = torch.cat([e.flatten() for e in expected.values()])
+    err = (got.double() - ref).norm() / ref.norm()
+    base = (plain_grad.double() - exact_plain).norm() / exact_plain.norm()
+    assert err <= 2 * base + 1e-6, f"{err=:.3g} vs plain bf16 {base=:.3g}"
+
+
+def _mean_grad(model, batch):
+    m = copy.deepcopy(model).double()
+    nn.functional.cross_entropy(m(batch[0].double()), batch[1]).backward()
+    return {n: p.grad for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_cached_tensors_are_released_after_the_step(mode):
+    model = MLP()
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean")
+    x, y = mlp_batch(4)
+    criterion(dp_model(x), y).backward()
+    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._layer_norm_sq == []

@@ -1,0 +1,93 @@
+"""Whole-model equivalence: one DP step of every mode equals the float64 oracle's clipped mean
+gradient for EVERY trainable parameter, with a clip norm that binds for some samples only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.layers import DPMultiheadAttention
+from torch import nn
+
+from dpkernels import MODES
+from dpkernels.models import MLP, GPT, ConvNet, DiT, DiTConfig, GPTConfig, TwoBranch
+from dpkernels.testing import Case, assert_rel_close, dp_update, oracle_update, total_norm
+
+
+class AttentionClassifier(nn.Module):
+    """Embedding -> Opacus DPMultiheadAttention (batch_first) -> LayerNorm -> mean -> Linear."""
+
+    def __init__(self, vocab: int = 19, d: int = 8, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.attn = DPMultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        y, _ = self.attn(x, x, x)
+        return self.head(self.norm(x + y).mean(1))
+
+
+def tokens(B, T=7, vocab=19):
+    return torch.randint(0, vocab, (B, T))
+
+
+CASES = [
+    Case("mlp", MLP, lambda B: (torch.randn(B, 12), torch.randint(0, 5, (B,)))),
+    Case("two_branch_frozen_stem", TwoBranch, lambda B: (torch.randn(B, 10), torch.randint(0, 3, (B,)))),
+    Case("convnet", ConvNet, lambda B: (torch.randn(B, 3, 9, 9), torch.randint(0, 4, (B,)))),
+    Case(
+        "gpt_layernorm",
+        lambda: GPT(GPTConfig(vocab=19, d=16, layers=2, heads=2, max_len=8)),
+        lambda B: (tokens(B), tokens(B)),
+        logits_of=lambda out: out.transpose(1, 2),
+    ),
+    Case(
+        "llama_rmsnorm_nobias",
+        lambda: GPT(GPTConfig(vocab=19, d=16, layers=2, heads=4, max_len=8, norm="rmsnorm", bias=False)),
+        lambda B: (tokens(B), tokens(B)),
+        logits_of=lambda out: out.transpose(1, 2),
+    ),
+    Case("dp_multihead_attention", AttentionClassifier, lambda B: (tokens(B), torch.randint(0, 3, (B,)))),
+    Case(
+        "dit_adaln",
+        lambda: DiT(DiTConfig(image=8, patch=4, channels=3, d=16, layers=2, heads=2, classes=5)),
+        lambda B: (torch.randn(B, 3, 8, 8), torch.rand(B), torch.randint(0, 5, (B,)), torch.randn(B, 3, 8, 8)),
+        criterion=nn.MSELoss,
+    ),
+]
+
+B = 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_update_equals_oracle(case, mode, reduction, dtype):
+    torch.manual_seed(0)
+    model = case.build().to(dtype)
+    batch = tuple(t.to(dtype) if t.is_floating_point() else t for t in case.batch(B))
+    C, expected, norms = oracle_update(model, batch, case, reduction)
+    assert 0 < int((norms > C).sum()) < B, "the clip norm must bind for some samples and not others"
+
+    got = dp_update(model, batch, case, mode, C, reduction)
+
+    assert got.keys() == expected.keys()
+    whole = total_norm(expected.values())
+    for name in expected:
+        assert_rel_close(f"{case.name}/{mode}/{name}", got[name], expected[name], dtype, scale=whole)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bookkeeping_equals_ghost(case):
+    torch.manual_seed(1)
+    model = case.build().double()
+    batch = tuple(t.double() if t.is_floating_point() else t for t in case.batch(5))
+    C, _, _ = oracle_update(model, batch, case, "mean", quantile=0.3)
+    ghost = dp_update(model, batch, case, "ghost", C, "mean")
+    bk = dp_update(model, batch, case, "bk", C, "mean")
+    whole = total_norm(ghost.values())
+    for name in ghost:
+        assert_rel_close(f"{case.name}/{name}", bk[name], ghost[name], torch.float64, scale=whole)

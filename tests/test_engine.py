@@ -57,9 +57,10 @@ def test_every_trainable_parameter_steps_and_the_optimizer_holds_them(mode):
     assert len(trainable) == 5
 
 
+@pytest.mark.parametrize("parts", [(0, 2, 6), (0, 1, 6), (0, 1, 2, 6)], ids=["2+4", "1+5", "1+1+4"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_gradient_accumulation_equals_one_large_batch(mode, reduction):
+def test_gradient_accumulation_equals_one_large_batch(mode, reduction, parts):
     torch.manual_seed(3)
     model = MLP().double()
     batch = mlp_batch(6, torch.float64)
@@ -67,8 +68,8 @@ def test_gradient_accumulation_equals_one_large_batch(mode, reduction):
     dp_model, optimizer, criterion, _ = make_private(model, batch, MLP_CASE, mode, C, reduction)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = batch
-    for part in (slice(0, 2), slice(2, 6)):
-        criterion(dp_model(x[part]), y[part]).backward()
+    for start, stop in zip(parts, parts[1:]):
+        criterion(dp_model(x[start:stop]), y[start:stop]).backward()
     optimizer.step()
     for n, p in model.named_parameters():
         assert_rel_close(n, before[n] - p.detach(), expected[n], torch.float64)
@@ -335,3 +336,14 @@ def test_cached_tensors_are_released_after_the_step(mode):
     x, y = mlp_batch(4)
     criterion(dp_model(x), y).backward()
     assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._layer_norm_sq == []
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_single_sample_caches_nothing(mode):
+    """B = 1: the per-sample gradient is the gradient; no layer input is kept for the backward pass."""
+    dp_model, _, criterion, _ = make_private(MLP(), mlp_batch(1), MLP_CASE, mode, 1.0, "mean")
+    x, y = mlp_batch(1)
+    out = dp_model(x)
+    assert dp_model._inputs == {} and dp_model.single_sample_step
+    criterion(out, y).backward()
+    assert dp_model.per_sample_gradient_norms.shape == (1,)

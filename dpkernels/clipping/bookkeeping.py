@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 
 from .ghost import norms_pass
+from .single import single_sample_backward
 
 
 def bookkeeping_backward(module, loss_per_sample: torch.Tensor, loss_reduction: str) -> None:
+    if module.single_sample_step:
+        return single_sample_backward(module, loss_per_sample, loss_reduction)
     coef = norms_pass(module, loss_per_sample, loss_reduction, retain_graph=False)
     try:
         module.add_clipped_grads(coef)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .loss import quiet_backward, reduce_loss, restore_grads, stash_grads
+from .single import single_sample_backward
 
 
 def check_batch(coef: torch.Tensor, loss_per_sample: torch.Tensor) -> None:
@@ -36,6 +37,8 @@ def norms_pass(module, loss_per_sample: torch.Tensor, loss_reduction: str, retai
 
 
 def ghost_backward(module, loss_per_sample: torch.Tensor, loss_reduction: str) -> None:
+    if module.single_sample_step:
+        return single_sample_backward(module, loss_per_sample, loss_reduction)
     coef = norms_pass(module, loss_per_sample, loss_reduction, retain_graph=True)
     module.clear_step_state()
     module.disable_hooks()

@@ -112,6 +112,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         object.__setattr__(self, "_layer_norm_sq", [])
         object.__setattr__(self, "_kept", [])
         object.__setattr__(self, "_layer_names", {})
+        object.__setattr__(self, "single_sample_step", False)
 
     # ---- hooks -------------------------------------------------------------------------------
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
@@ -128,10 +129,15 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
 
     def forward(self, *args, **kwargs):
         self._inputs.clear()  # inputs of a forward pass that never got a backward pass
+        self.single_sample_step = False
         return self._module(*args, **kwargs)
 
     def capture_activations_hook(self, module: nn.Module, forward_input, _forward_output) -> None:
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
+            return
+        if forward_input[0].shape[0 if self.batch_first else 1] == 1:
+            # one sample: its gradient is the ordinary gradient (clipping/single.py); cache nothing
+            self.single_sample_step = True
             return
         if module in self._inputs:
             raise TiedParameterError(
@@ -145,6 +151,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         if not self.hooks_enabled:
             return
         name = self._layer_names[module]
+        if self.single_sample_step and module not in self._inputs:
+            return
         if module not in self._inputs:
             raise RuntimeError(
                 f"layer {name}: backward reached it without a recorded input; run the forward pass "
@@ -228,3 +236,4 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self._inputs.clear()
         self._layer_norm_sq.clear()
         self._kept.clear()
+        self.single_sample_step = False

@@ -172,7 +172,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         layer_sq = None
         for p, sq in norms.items():
             sq = sq * (scale * scale)
-            p._norm_sample = sq.sqrt()
+            p._norm_sample = sq.sqrt().to(p.dtype)  # Opacus's attribute, in its dtype; sums stay in float32
             layer_sq = sq if layer_sq is None else layer_sq + sq
         if layer_sq is not None:
             self._layer_norm_sq.append((name, layer_sq))

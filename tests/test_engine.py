@@ -347,3 +347,28 @@ def test_single_sample_caches_nothing(mode):
     assert dp_model._inputs == {} and dp_model.single_sample_step
     criterion(out, y).backward()
     assert dp_model.per_sample_gradient_norms.shape == (1,)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_norm_pass_skips_autograds_linear_weight_gradients(mode):
+    """Autograd's own Linear dW is thrown away in a norms pass, so it is never computed there."""
+    model = MLP()
+    dp_model, _, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean")
+    reached = []
+    for name in ("fc1", "fc2"):
+        getattr(model, name).weight.register_hook(lambda g, name=name: reached.append(name) if g is not None else None)
+    x, y = mlp_batch(4)
+    criterion(dp_model(x), y).backward()
+    assert reached == ([] if MODES[mode].passes == 1 else ["fc2", "fc1"]), "only ghost's second pass computes dW"
+
+
+def test_wrapped_linear_survives_deepcopy_and_unwrapping():
+    model = MLP()
+    dp_model, _, _, _ = make_private(model, mlp_batch(4), MLP_CASE, "bk", 1.0, "mean")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.fc1.weight.mul_(2)
+    x = torch.randn(3, 12)
+    assert not torch.equal(twin(x), model(x)), "the copy computes with its own weights"
+    plain = dp_model.to_standard_module()
+    assert "forward" not in plain.fc1.__dict__ and torch.equal(plain(x), MLP.forward(plain, x))

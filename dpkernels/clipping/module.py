@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from ..layers import rule_for, samples_of
+from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from ..reference import clip_coefficients
 
 
@@ -125,7 +126,19 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             self._layer_names[layer] = name or "<root>"
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self.capture_activations_hook))
             self.autograd_grad_sample_hooks.append(layer.register_full_backward_hook(self.capture_backprops_hook))
+            if type(layer) is nn.Linear:
+                install_weight_grad_skipping(layer, self)
         self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        for layer in self._layer_names:
+            if type(layer) is nn.Linear:
+                uninstall_weight_grad_skipping(layer)
+
+    def wants_weight_grads(self) -> bool:
+        """Whether autograd's own weight gradients are used: in ghost's second pass and at B = 1."""
+        return not self.hooks_enabled or self.single_sample_step
 
     def forward(self, *args, **kwargs):
         self._inputs.clear()  # inputs of a forward pass that never got a backward pass

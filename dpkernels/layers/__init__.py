@@ -31,6 +31,11 @@ FAMILIES = {
 }
 
 
+# RMSNorms of ``transformers`` models (y = w * x / sqrt(mean(x^2) + variance_epsilon)), matched by
+# qualified class name so that transformers is never imported here.
+HF_RMSNORMS = {"transformers.models.llama.modeling_llama.LlamaRMSNorm"}
+
+
 class MaterialisedSamples:
     """Fallback for other layer types: Opacus's registered grad sampler materialises [B, *shape]."""
 
@@ -51,6 +56,8 @@ def rule_for(module: nn.Module) -> Optional[type]:
     kind = type(module)
     if kind in FAMILIES:
         return FAMILIES[kind]
+    if f"{kind.__module__}.{kind.__qualname__}" in HF_RMSNORMS:
+        return NormLayerSamples
     if kind in GradSampleModule.GRAD_SAMPLERS:
         return MaterialisedSamples
     return None

@@ -25,13 +25,25 @@ from ..errors import LayerInputError
 from .linear import accumulation_dtype
 
 
+def normalized_shape_of(module: nn.Module) -> tuple:
+    """The trailing shape a LayerNorm / RMSNorm normalises (HF RMSNorms: the weight's shape)."""
+    if hasattr(module, "normalized_shape"):
+        return tuple(module.normalized_shape)
+    return tuple(module.weight.shape)
+
+
+def rms_eps(module: nn.Module, x: torch.Tensor) -> float:
+    """nn.RMSNorm's epsilon (None: finfo(x.dtype).eps)."""
+    return torch.finfo(x.dtype).eps if module.eps is None else module.eps
+
+
 def check_shapes(module: nn.Module, x: torch.Tensor, G: torch.Tensor) -> None:
     """Raise LayerInputError unless x has the batched layout ``module`` normalises and G matches it."""
     if isinstance(module, nn.GroupNorm):
         ok = x.dim() >= 2 and x.shape[1] == module.num_channels
         expected = f"[B, {module.num_channels}, ...]"
     else:
-        shape = tuple(module.normalized_shape)
+        shape = normalized_shape_of(module)
         ok = x.dim() > len(shape) and tuple(x.shape[x.dim() - len(shape) :]) == shape
         expected = f"[B, ..., {', '.join(map(str, shape))}]"
     name = type(module).__name__
@@ -50,11 +62,15 @@ def normalised_input(module: nn.Module, x: torch.Tensor, dt: torch.dtype) -> tor
     xd = x.to(dt)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(xd, module.num_groups, None, None, module.eps)
-    shape = tuple(module.normalized_shape)
+    shape = normalized_shape_of(module)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(xd, shape, None, None, module.eps)
-    eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps  # nn.RMSNorm's default
-    return F.rms_norm(xd, shape, None, eps)
+    if hasattr(module, "variance_epsilon"):
+        # transformers' RMSNorms normalise in float32 whatever the input dtype, then cast back: do the same
+        x32 = x.to(torch.float32)
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return x_hat.to(x.dtype).to(dt)
+    return F.rms_norm(xd, shape, None, rms_eps(module, x))
 
 
 def as_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -63,7 +79,7 @@ def as_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.GroupNorm):
         C = module.num_channels
         return t.reshape(B, C, math.prod(t.shape[2:])).transpose(1, 2)
-    P = math.prod(module.normalized_shape)
+    P = math.prod(normalized_shape_of(module))
     return t.reshape(B, math.prod(t.shape[1:]) // P, P)
 
 

@@ -58,7 +58,7 @@ class DiTBlock(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.view(B, T, self.heads, d // self.heads).transpose(1, 2) for t in self.qkv(x).split(d, dim=2))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, d))
 
@@ -91,7 +91,7 @@ class DiT(nn.Module):
 
     def forward(self, images: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.patchify(images).flatten(2).transpose(1, 2)
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        positions = torch.arange(x.shape[1], device=x.device).repeat(x.shape[0], 1)
         x = x + self.pos(positions)
         c = self.t_fc2(F.silu(self.t_fc1(timestep_features(t, 256)))) + self.label(labels)
         for block in self.blocks:

@@ -1,0 +1,111 @@
+"""Named workloads (model + synthetic batch + loss) shared by the benchmarks, the profiler and the demo.
+
+Each workload has a full size (the seeds' and anchors' configurations, for a GPU) and a small size
+(the same architecture scaled down, for a CPU).  Batches are synthetic: random ids, images, targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import torch
+from torch import nn
+
+from ..testing import Case
+from .dit import DiT, DiTConfig
+from .gpt import GPT, GPTConfig
+
+
+class LinearStack(nn.Module):
+    """``layers`` x Linear(d, d) with ReLU between them (the anchors' linear stack).  [B, T, d] -> [B, T, d]."""
+
+    def __init__(self, d: int = 1024, layers: int = 8):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == 0 else layer(torch.relu(x))
+        return x
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named (model, batch, loss): ``case`` builds them; B and T are recorded for reports."""
+
+    name: str
+    case: Case
+    B: int
+    T: int
+
+
+def tokens_case(name: str, build: Callable[[], nn.Module], vocab: int, T: int) -> Case:
+    return Case(
+        name,
+        build,
+        lambda B: (torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, T))),
+        logits_of=lambda out: out.transpose(1, 2),
+    )
+
+
+def gpt2(T: int, B: int, small: bool) -> Workload:
+    cfg = GPTConfig(vocab=503, d=64, layers=2, heads=4, max_len=T) if small else GPTConfig(max_len=T)
+    return Workload(f"gpt2-T{T}-B{B}", tokens_case("gpt2", lambda: GPT(cfg), cfg.vocab, T), B, T)
+
+
+def llama(T: int, B: int, small: bool) -> Workload:
+    from .llama import LlamaLM, LlamaSpec
+
+    spec = LlamaSpec(vocab=320, hidden=64, layers=2, heads=4, intermediate=176, max_len=T) if small else LlamaSpec(max_len=T)
+    return Workload(f"llama-T{T}-B{B}", tokens_case("llama", lambda: LlamaLM(spec), spec.vocab, T), B, T)
+
+
+def dit(B: int, small: bool) -> Workload:
+    cfg = DiTConfig(image=32, patch=8, d=64, layers=2, heads=4, classes=10) if small else DiTConfig()
+    case = Case(
+        "dit",
+        lambda: DiT(cfg),
+        lambda B: (
+            torch.randn(B, cfg.channels, cfg.image, cfg.image),
+            torch.rand(B) * 1000,
+            torch.randint(0, cfg.classes, (B,)),
+            torch.randn(B, cfg.channels, cfg.image, cfg.image),
+        ),
+        criterion=nn.MSELoss,
+    )
+    return Workload(f"dit-B{B}", case, B, cfg.tokens)
+
+
+def linear_stack(T: int, B: int, small: bool) -> Workload:
+    d = 64 if small else 1024
+    case = Case(
+        "linear_stack",
+        lambda: LinearStack(d),
+        lambda B: (torch.randn(B, T, d), torch.randn(B, T, d)),
+        criterion=nn.MSELoss,
+    )
+    return Workload(f"linear-T{T}-B{B}", case, B, T)
+
+
+def step_workloads(small: bool) -> Tuple[Workload, ...]:
+    """The step-level configurations of the benchmark issue (small: the same shapes scaled down)."""
+    if small:
+        return (
+            gpt2(64, 4, True),
+            gpt2(128, 2, True),
+            llama(128, 1, True),
+            llama(128, 2, True),
+            dit(2, True),
+            linear_stack(128, 4, True),
+            linear_stack(256, 1, True),
+        )
+    return (
+        gpt2(1024, 16, False),
+        gpt2(4096, 4, False),
+        llama(16384, 1, False),
+        llama(16384, 2, False),
+        dit(2, False),
+        linear_stack(4096, 4, False),
+        linear_stack(16384, 1, False),
+    )

@@ -1,0 +1,97 @@
+"""One training step of a workload in any mode: the unit the benchmarks and the profiler measure.
+
+Modes: "nondp" (plain PyTorch), "opacus_hooks" and "opacus_ghost" (``opacus.PrivacyEngine``), and
+every dpkernels mode (``dpkernels.MODES``).  A step is forward, backward, optimizer step, zero_grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Optional
+
+import opacus
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..engine import PrivacyEngine
+from ..modes import MODES
+from ..models.workloads import Workload
+
+STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + tuple(sorted(MODES))
+
+
+class PerSampleLoss(nn.Module):
+    """A criterion whose reduction='none' output is one loss per sample [B] (extra dims averaged).
+
+    Opacus's ghost-mode criterion needs [B]; dpkernels folds extra dims itself.
+    """
+
+    def __init__(self, criterion_cls, reduction: str = "mean"):
+        super().__init__()
+        self.inner = criterion_cls(reduction="none")
+        self.reduction = reduction
+
+    def forward(self, output, target):
+        per_sample = self.inner(output, target).flatten(1).mean(1) if output.dim() > 1 else self.inner(output, target)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
+
+
+class Trainer:
+    """``Trainer(workload, mode, device).step()`` runs one training step (noise 1.0, clip 1.0, SGD).
+
+    amp_dtype: run forward and loss under ``torch.autocast(device, amp_dtype)`` (e.g. torch.bfloat16).
+    """
+
+    def __init__(self, workload: Workload, mode: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None, seed: int = 0):
+        if mode not in STEP_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {STEP_MODES}")
+        torch.manual_seed(seed)
+        self.workload, self.mode, self.device, self.amp_dtype = workload, mode, device, amp_dtype
+        case = workload.case
+        self.batch = tuple(t.to(device) for t in case.batch(workload.B))
+        model = case.build().to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        criterion = PerSampleLoss(case.criterion)
+        self.model, self.optimizer, self.criterion = model, optimizer, criterion
+        if mode != "nondp":
+            self._make_private(model, optimizer, criterion)
+
+    def _make_private(self, model, optimizer, criterion) -> None:
+        loader = DataLoader(TensorDataset(*[t.cpu() for t in self.batch]), batch_size=self.workload.B)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = PrivacyEngine() if self.mode in MODES else opacus.PrivacyEngine()
+        grad_sample_mode = {"opacus_hooks": "hooks", "opacus_ghost": "ghost"}.get(self.mode, self.mode)
+        out = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            criterion=criterion,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=grad_sample_mode,
+            poisson_sampling=False,
+        )
+        self.model, self.optimizer = out[0], out[1]
+        self.criterion = out[2] if len(out) == 4 else criterion
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward_loss(self):
+        *inputs, target = self.batch
+        with self.autocast():
+            return self.criterion(self.workload.case.logits_of(self.model(*inputs)), target)
+
+    def step(self) -> None:
+        loss = self.forward_loss()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,8 @@ MODES = {
     for m in (
         Mode("ghost", 2, "auto", "norms without per-sample gradients, two backward passes"),
         Mode("bk", 1, "auto", "bookkeeping: one backward pass, clipped gradients from cached (A, G)"),
+        Mode("flash", 2, "flash", "ghost with fused Triton norm kernels for Linear layers"),
+        Mode("flash_bk", 1, "flash", "bookkeeping with fused Triton norm kernels for Linear layers"),
     )
 }
 

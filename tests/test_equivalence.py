@@ -108,3 +108,22 @@ def test_bookkeeping_equals_ghost(case):
     whole = total_norm(ghost.values())
     for name in ghost:
         assert_rel_close(f"{case.name}/{name}", bk[name], ghost[name], dtype, scale=whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("case", [c for c in CASES], ids=[c.name for c in CASES])
+def test_update_equals_oracle_on_gpu(case, mode, monkeypatch):
+    """The same check with the model on CUDA (Triton kernels in the flash modes), float32, TF32 off."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = case.build()
+    batch = case.batch(B)
+    C, expected, _ = oracle_update(model, batch, case, "mean")
+    got = dp_update(model.cuda(), tuple(t.cuda() for t in batch), case, mode, C, "mean")
+    whole = total_norm(expected.values())
+    for name in expected:
+        assert_rel_close(f"{case.name}/{mode}/{name}", got[name], expected[name], torch.float32, scale=whole)

@@ -107,11 +107,18 @@ class LinearSamples:
         self.method = method
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
+        weight, bias = self.module.weight, self.module.bias
+        with_bias = bias is not None and bias.requires_grad
+        if self.method == "flash" and weight.requires_grad:
+            from ..kernels import flash_linear_norm_sq  # imported late: Triton is optional
+
+            w_sq, b_sq = flash_linear_norm_sq(self.A, self.G, with_bias)
+            return {weight: w_sq, **({bias: b_sq} if with_bias else {})}
         out = {}
-        if self.module.weight.requires_grad:
-            out[self.module.weight] = weight_norm_sq(self.A, self.G, self.method)
-        if self.module.bias is not None and self.module.bias.requires_grad:
-            out[self.module.bias] = bias_norm_sq(self.G)
+        if weight.requires_grad:
+            out[weight] = weight_norm_sq(self.A, self.G, self.method)
+        if with_bias:
+            out[bias] = bias_norm_sq(self.G)
         return out
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:

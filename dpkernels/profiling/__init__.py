@@ -1,5 +1,6 @@
 """Measurement helpers shared by the demo, the benchmarks and the profiler."""
 
+from .environment import default_device, device_slug, synchronize, versions
 from .memory import TensorMemoryTracker, peak_memory
 
-__all__ = ["TensorMemoryTracker", "peak_memory"]
+__all__ = ["TensorMemoryTracker", "peak_memory", "default_device", "device_slug", "synchronize", "versions"]

@@ -54,7 +54,8 @@ class Trainer:
         self.workload, self.mode, self.device, self.amp_dtype = workload, mode, device, amp_dtype
         case = workload.case
         self.batch = tuple(t.to(device) for t in case.batch(workload.B))
-        model = case.build().to(device)
+        with torch.device(device):  # build on the device: no slow CPU init of large models
+            model = case.build()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         criterion = PerSampleLoss(case.criterion)
         self.model, self.optimizer, self.criterion = model, optimizer, criterion

@@ -1,0 +1,97 @@
+"""Step-level benchmarks: one training step (forward, backward, optimizer step) of every mode.
+
+Workloads (dpkernels.models.workloads): GPT-2-small at T=1024 (B=16) and T=4096 (B=4), the seed-000
+Llama-style model at T=16384 (B=1, and B=2 where the GPU has the memory), DiT-L (B=2), and a stack of
+8 Linear(1024, 1024) at T=4096 (B=4) and T=16384 (B=1); scaled down on a CPU.  Precisions: fp32 with
+TF32 off (the anchors' setting) and bf16 autocast.  extra_info holds the time and peak-memory ratios
+to the non-private step of the same workload and precision, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from dpkernels.models.workloads import step_workloads
+from dpkernels.profiling import default_device, peak_memory, synchronize
+from dpkernels.profiling.step import STEP_MODES, Trainer
+
+WORKLOADS = step_workloads(small=not torch.cuda.is_available())
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+OPACUS_MODES = ("opacus_hooks", "opacus_ghost")
+# GPU memory (GiB) a workload needs in fp32 non-private training, where it exceeds an 80 GB card.
+NEEDS_GIB = {"llama-T16384-B2": 110}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_tf32():
+    """fp32 means fp32: TF32 off for matmuls and convolutions, as in the anchors."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def rounds_for(workload) -> int:
+    return 3 if torch.cuda.is_available() and workload.B * workload.T >= 16384 else 5
+
+
+def release():
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def nondp_reference():
+    """(median seconds, peak bytes) of the non-private step per (workload, precision), measured once per run."""
+    cache = {}
+
+    def get(workload, precision):
+        key = (workload.name, precision)
+        if key not in cache:
+            trainer = Trainer(workload, "nondp", default_device(), PRECISIONS[precision])
+            trainer.step()
+            times = []
+            for _ in range(rounds_for(workload)):
+                synchronize()
+                start = time.perf_counter()
+                trainer.step()
+                synchronize()
+                times.append(time.perf_counter() - start)
+            with peak_memory(default_device()) as mem:
+                trainer.step()
+            total = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else mem["peak_bytes"]
+            cache[key] = (statistics.median(times), mem["peak_bytes"], total)
+            del trainer
+            release()
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize("mode", STEP_MODES)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=[w.name for w in WORKLOADS])
+def test_step(benchmark, measure, nondp_reference, workload, mode, precision):
+    need = NEEDS_GIB.get(workload.name)
+    if need and torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < need * 2**30:
+        pytest.skip(f"{workload.name} needs about {need} GiB of GPU memory")
+    base_time, base_peak, base_total = nondp_reference(workload, precision)
+    try:
+        trainer = Trainer(workload, mode, default_device(), PRECISIONS[precision])
+        seconds, peak = measure(trainer.step, rounds=rounds_for(workload), workload=workload.name, mode=mode, precision=precision, B=workload.B, T=workload.T)
+    except torch.cuda.OutOfMemoryError:
+        if mode in OPACUS_MODES:
+            pytest.skip(f"Opacus {mode} ran out of GPU memory on {workload.name}")
+        raise
+    finally:
+        release()
+    total = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak
+    benchmark.extra_info.update(
+        nondp_seconds=base_time,
+        time_ratio=seconds / base_time,
+        memory_ratio=total / base_total if torch.cuda.is_available() else peak / base_peak,
+    )

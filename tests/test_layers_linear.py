@@ -53,13 +53,20 @@ def test_norms_match_oracle(case, method):
         assert_rel_close(f"{name} norm^2 ({method})", got[param], expected, dtype)
 
 
-@given(linear_case())
-def test_clipped_grad_matches_oracle(case):
+@given(linear_case(), st.booleans())
+def test_clipped_grad_matches_oracle(case, keep):
+    """keep=True (bookkeeping) holds per-sample gradients where T (d + p) >= d p, else (A, G)."""
     B, lead, d, p, bias, dtype = case
     layer, x, G = make(*case)
     coef = torch.rand(B, dtype=torch.float64)
     ref = layer_per_sample_grads(layer, (x,), G)
-    got = LinearSamples(layer, (x,), G).clipped_grad(coef.to(dtype))
+    view = LinearSamples(layer, (x,), G, keep=keep)
+    T = x[0].numel() // d if B else 1
+    assert (view.W is not None) == (keep and choose_method(B, T, d, p) == "direct")
+    norms = view.norm_sq()
+    for name, param in layer.named_parameters():
+        assert_rel_close(f"{name} norm^2 (keep={keep})", norms[param], ref[name].flatten(1).pow(2).sum(1), dtype)
+    got = view.clipped_grad(coef.to(dtype))
     for name, param in layer.named_parameters():
         expected = torch.einsum("b...,b->...", ref[name], coef)
         assert_rel_close(f"clipped {name}", got[param], expected, dtype)

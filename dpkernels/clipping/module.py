@@ -178,7 +178,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             G = G.movedim(1, 0)
         scale = G.shape[0] if self.loss_reduction == "mean" else 1
         try:
-            view = samples_of(module, inputs, G, linear_method=self.linear_norm)
+            view = samples_of(module, inputs, G, linear_method=self.linear_norm, keep=self.keep_samples)
             norms = view.norm_sq()
         except LayerInputError as e:
             raise LayerInputError(f"layer {name} ({type(module).__name__}): {e}") from None

@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import flash_weight_norm_sq
-from .heuristics import choose_kernel
+from . import flash_linear_norm_sq, flash_weight_norm_sq
+from .heuristics import GramConfig, PsgConfig, cdiv, choose_kernel
 
 T_VALUES = (256, 1024, 4096, 16384, 32768)
 B_VALUES = (1, 8, 32)
@@ -176,6 +176,49 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --tune: candidate launch configurations timed on a few shapes, to set heuristics.py's table.
+TUNE_SHAPES = {
+    torch.bfloat16: [(1, 16384, 4096, 4096), (8, 4096, 1024, 1024), (16, 1024, 768, 3072), (1, 32768, 1024, 1024)],
+    torch.float32: [(1, 16384, 1024, 1024), (8, 4096, 1024, 1024), (16, 1024, 768, 3072)],
+}
+TUNE_PSG = {
+    torch.bfloat16: [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (128, 256, 64, 8, 3),
+                     (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 4, 3)],
+    torch.float32: [(64, 64, 32, 4, 2), (64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2),
+                    (128, 128, 32, 8, 2), (64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
+}
+TUNE_GRAM_SHAPES = {torch.bfloat16: [(32, 256, 4096, 4096), (8, 1024, 8192, 8192)], torch.float32: [(32, 256, 1024, 1024)]}
+TUNE_GRAM = [(64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 32, 4, 4), (64, 64, 4, 4)]
+
+
+def tune(dtype: torch.dtype) -> List[dict]:
+    """ms of every candidate configuration on TUNE_SHAPES (the T split chosen as psg_config does)."""
+
+    programs = 2 * torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for B, T, d, p in TUNE_SHAPES[dtype]:
+        A = torch.randn(B, T, d, device="cuda", dtype=dtype)
+        G = torch.randn(B, T, p, device="cuda", dtype=dtype)
+        ref_ms = median_ms(lambda: bmm_norm_sq(A, G))
+        for BP, BD, BT, warps, stages in TUNE_PSG[dtype]:
+            tiles = B * cdiv(p, BP) * cdiv(d, BD)
+            NS = max(1, min(cdiv(programs, tiles), T // (4 * BT)))
+            TS = cdiv(cdiv(T, NS), BT) * BT
+            cfg = PsgConfig(BP=BP, BD=BD, BT=BT, TS=TS, num_warps=warps, num_stages=stages)
+            ms = median_ms(lambda: flash_linear_norm_sq(A, G, False, "psg", cfg))
+            rows.append({"kernel": "psg", "shape": [B, T, d, p], "dtype": str(dtype), "config": [BP, BD, BT, TS, warps, stages], "ms": ms, "bmm_ms": ref_ms})
+    for B, T, d, p in TUNE_GRAM_SHAPES[dtype]:
+        A = torch.randn(B, T, d, device="cuda", dtype=dtype)
+        G = torch.randn(B, T, p, device="cuda", dtype=dtype)
+        for BT, BK, warps, stages in TUNE_GRAM:
+            if dtype == torch.float32 and BK > 32:
+                continue
+            cfg = GramConfig(BT=BT, BK=BK, num_warps=warps, num_stages=stages)
+            ms = median_ms(lambda: flash_linear_norm_sq(A, G, False, "gram", cfg))
+            rows.append({"kernel": "gram", "shape": [B, T, d, p], "dtype": str(dtype), "config": [BT, BK, warps, stages], "ms": ms})
+    return rows
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write ``text`` to a temp file next to ``path``, then os.replace it into place."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
@@ -188,6 +231,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpkernels.kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for flash_norm.json and flash_norm.md")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    parser.add_argument("--tune", action="store_true", help="time candidate launch configurations instead (writes tune.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA device")
@@ -195,6 +239,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
+    if args.tune:
+        rows = [row for name in args.dtypes for row in tune(getattr(torch, name))]
+        write_atomic(os.path.join(args.out, "tune.json"), json.dumps(rows, indent=1))
+        for r in rows:
+            print(r["kernel"], r["dtype"], r["shape"], r["config"], f"{r['ms']:.3f} ms", f"bmm {r.get('bmm_ms', float('nan')):.3f}")
+        return
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "ceilings": ceilings(), "cases": []}
     for name in args.dtypes:

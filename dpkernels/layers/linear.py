@@ -29,6 +29,18 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def common_dtype(A: torch.Tensor, G: torch.Tensor):
+    """(A, G) in one dtype for GEMMs: the lower precision of the two (as autocast computes the layer).
+
+    bf16/fp16 GEMMs run on tensor cores with fp32 accumulation, as plain PyTorch's do; squares and
+    sums of their results are taken in float32 (``accumulation_dtype``).
+    """
+    if A.dtype == G.dtype:
+        return A, G
+    low = A.dtype if A.element_size() < G.element_size() else G.dtype
+    return A.to(low), G.to(low)
+
+
 def as_sequence(x: torch.Tensor, width: int, what: str) -> torch.Tensor:
     """View ``x`` of shape [B, ..., width] as [B, T, width]; rank 2 gives T = 1."""
     if x.dim() < 2 or x.shape[-1] != width:
@@ -46,25 +58,34 @@ def choose_method(B: int, T: int, d: int, p: int) -> str:
     return "ghost" if T * (d + p) < d * p else "direct"
 
 
+def sum_sq(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum of squares in the accumulation dtype.  x: [B, ...] -> [B]."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=accumulation_dtype(x)).square()
+
+
 def weight_norm_sq_ghost(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """sum_{s,t} (a_s . a_t)(g_s . g_t) per sample.  A: [B, T, d], G: [B, T, p] -> [B]."""
+    A, G = common_dtype(A, G)
     dt = accumulation_dtype(A, G)
-    A, G = A.to(dt), G.to(dt)
     gram_a = torch.bmm(A, A.transpose(1, 2))
     gram_g = torch.bmm(G, G.transpose(1, 2))
-    return (gram_a * gram_g).sum(dim=(1, 2))
+    return torch.einsum("bst,bst->b", gram_a.to(dt), gram_g.to(dt))
+
+
+def per_sample_weight_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """W_i = G_i^T A_i for every sample.  A: [B, T, d], G: [B, T, p] -> [B, p, d]."""
+    A, G = common_dtype(A, G)
+    return torch.bmm(G.transpose(1, 2), A)
 
 
 def weight_norm_sq_direct(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """||G_i^T A_i||_F^2 with the per-sample gradients materialised.  A: [B, T, d], G: [B, T, p] -> [B]."""
-    dt = accumulation_dtype(A, G)
-    per_sample = torch.bmm(G.to(dt).transpose(1, 2), A.to(dt))
-    return per_sample.pow(2).sum(dim=(1, 2))
+    return sum_sq(per_sample_weight_grads(A, G))
 
 
 def bias_norm_sq(G: torch.Tensor) -> torch.Tensor:
     """||sum_t g_t||^2 per sample (the sum over t comes before the square).  G: [B, T, p] -> [B]."""
-    return G.to(accumulation_dtype(G)).sum(dim=1).pow(2).sum(dim=1)
+    return sum_sq(G.sum(dim=1, dtype=accumulation_dtype(G)))
 
 
 def weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> torch.Tensor:
@@ -81,34 +102,48 @@ def weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> to
         return weight_norm_sq_direct(A, G)
     from ..kernels import flash_weight_norm_sq  # imported late: Triton is optional
 
-    return flash_weight_norm_sq(A, G)
+    return flash_weight_norm_sq(*common_dtype(A, G))
 
 
 def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """sum_i coef_i G_i^T A_i as one GEMM over all B*T rows.  -> [p, d] in the accumulation dtype."""
-    dt = accumulation_dtype(A, G)
-    scaled = G.to(dt) * coef.to(dt)[:, None, None]
-    return scaled.reshape(-1, G.shape[-1]).t() @ A.to(dt).reshape(-1, A.shape[-1])
+    """sum_i coef_i G_i^T A_i as one GEMM over all B*T rows.  -> [p, d] (in the GEMM dtype)."""
+    A, G = common_dtype(A, G)
+    scaled = G * coef.to(G.dtype)[:, None, None]
+    return scaled.reshape(-1, G.shape[-1]).t() @ A.reshape(-1, A.shape[-1])
 
 
 def clipped_bias_grad(G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """sum_i coef_i sum_t g_{i,t}.  G: [B, T, p] -> [p]."""
     dt = accumulation_dtype(G)
-    return torch.einsum("btp,b->p", G.to(dt), coef.to(dt))
+    return torch.einsum("bp,b->p", G.sum(dim=1, dtype=dt), coef.to(dt))
 
 
 class LinearSamples:
-    """The per-sample gradients of one ``nn.Linear`` call, kept as the factors (A, G)."""
+    """The per-sample gradients of one ``nn.Linear`` call.
 
-    def __init__(self, module: nn.Linear, inputs, G: torch.Tensor, method: str = "auto"):
+    Kept as the factors (A, G), or, when ``keep`` is set (bookkeeping) and the per-sample gradients
+    are cheaper than the factors (T (d + p) >= d p, where "direct" is chosen), as W_i [B, p, d]
+    themselves: computed once by one bmm (the flops of the dW GEMM they replace), they give the norm
+    and the clipped sum sum_i c_i W_i without a further GEMM, and take less memory than A and G.
+    """
+
+    def __init__(self, module: nn.Linear, inputs, G: torch.Tensor, method: str = "auto", keep: bool = False):
         self.module = module
-        self.A = as_sequence(inputs[0], module.in_features, "nn.Linear input")
-        self.G = as_sequence(G, module.out_features, "nn.Linear output gradient")
+        A = as_sequence(inputs[0], module.in_features, "nn.Linear input")
+        G = as_sequence(G, module.out_features, "nn.Linear output gradient")
+        self.A, self.G = common_dtype(A, G)
         self.method = method
+        self.W = None
+        B, T, d = self.A.shape
+        if keep and module.weight.requires_grad and choose_method(B, T, d, G.shape[-1]) == "direct":
+            self.W = per_sample_weight_grads(self.A, self.G)
+            self.A = None  # only G's row sums (the bias) are still needed
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
         weight, bias = self.module.weight, self.module.bias
         with_bias = bias is not None and bias.requires_grad
+        if self.W is not None:
+            return {weight: sum_sq(self.W), **({bias: bias_norm_sq(self.G)} if with_bias else {})}
         if self.method == "flash" and weight.requires_grad:
             from ..kernels import flash_linear_norm_sq  # imported late: Triton is optional
 
@@ -122,11 +157,14 @@ class LinearSamples:
         return out
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+        weight, bias = self.module.weight, self.module.bias
         out = {}
-        if self.module.weight.requires_grad:
-            out[self.module.weight] = clipped_weight_grad(self.A, self.G, coef)
-        if self.module.bias is not None and self.module.bias.requires_grad:
-            out[self.module.bias] = clipped_bias_grad(self.G, coef)
+        if self.W is not None:
+            out[weight] = torch.einsum("bpd,b->pd", self.W, coef.to(self.W.dtype))
+        elif weight.requires_grad:
+            out[weight] = clipped_weight_grad(self.A, self.G, coef)
+        if bias is not None and bias.requires_grad:
+            out[bias] = clipped_bias_grad(self.G, coef)
         return out
 
 

@@ -94,30 +94,39 @@ def gram_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, programs: in
     BT = block(T, 16, 64)
     while BT > 16 and B * cdiv(T, BT) * (cdiv(T, BT) + 1) // 2 < programs:
         BT //= 2
-    warps = 8 if BT == 64 else 4
     if dtype == torch.float32:
-        return GramConfig(BT=BT, BK=block(max(d, p), 16, 32), num_warps=warps, num_stages=2)
-    return GramConfig(BT=BT, BK=block(max(d, p), 16, 64), num_warps=warps, num_stages=3)
+        return GramConfig(BT=BT, BK=block(max(d, p), 16, 32), num_warps=4, num_stages=3)
+    return GramConfig(BT=BT, BK=block(max(d, p), 16, 64), num_warps=4, num_stages=4)
+
+
+def split_for(tiles: int, T: int, BT: int, programs: int) -> int:
+    """Number of T ranges NS so that about ``programs`` programs run, each range >= 4 dot steps."""
+    return max(1, min(cdiv(programs, max(tiles, 1)), T // (4 * BT)))
 
 
 def psg_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, programs: int) -> PsgConfig:
     """Per-sample-gradient blocks and the T split.
 
-    16-bit inputs: BP, BD <= 128 with BT = 64 (tensor cores); fp32 inputs (exact ieee dot on CUDA
-    cores): BP, BD <= 64 with BT = 32.  When the B * NP * ND tiles fill fewer than ``programs``,
-    T is split into NS ranges of TS rows (a multiple of BT, each at least 4 dot steps) so that
-    about ``programs`` programs run; the split's tile partials then take NS * B * p * d * 4 bytes,
-    at most about 2 * programs * BP * BD * 4 bytes.
+    16-bit inputs (tensor cores): 128 x 256 tiles of W_i with 8 warps, unless those tiles would need a
+    T split where 128 x 128 tiles (4 warps) would not; BT = 64, 3 stages.  fp32 inputs (exact ieee
+    dot on CUDA cores): 64 x 64 tiles, BT = 32, 3 stages.  When the B * NP * ND tiles fill fewer than
+    ``programs``, T is split into NS ranges of TS rows (a multiple of BT) so that about ``programs``
+    programs run; the split's tile partials then take about 2 * programs * BP * BD * 4 bytes.
+    (Chosen from ``python -m dpkernels.kernels.bench --tune`` on an H200.)
     """
     if dtype == torch.float32:
-        BP, BD, BT, warps, stages = block(p, 16, 64), block(d, 16, 64), block(T, 16, 32), 4, 2
+        BP, BD, BT, warps = block(p, 16, 64), block(d, 16, 64), block(T, 16, 32), 4
     else:
-        BP, BD, BT, stages = block(p, 16, 128), block(d, 16, 128), block(T, 16, 64), 3
-        warps = 8 if BP * BD >= 128 * 128 else 4
-    tiles = B * cdiv(p, BP) * cdiv(d, BD)
-    NS = max(1, min(cdiv(programs, max(tiles, 1)), T // (4 * BT)))
+        BT = block(T, 16, 64)
+        BP, BD, warps = block(p, 16, 128), block(d, 16, 256), 8
+        BD_small = block(d, 16, 128)
+        wide_splits = split_for(B * cdiv(p, BP) * cdiv(d, BD), T, BT, programs)
+        narrow_splits = split_for(B * cdiv(p, BP) * cdiv(d, BD_small), T, BT, programs)
+        if wide_splits > 1 and narrow_splits == 1:
+            BD, warps = BD_small, 4
+    NS = split_for(B * cdiv(p, BP) * cdiv(d, BD), T, BT, programs)
     TS = cdiv(cdiv(T, NS), BT) * BT
-    return PsgConfig(BP=BP, BD=BD, BT=BT, TS=TS, num_warps=warps, num_stages=stages)
+    return PsgConfig(BP=BP, BD=BD, BT=BT, TS=TS, num_warps=warps, num_stages=3)
 
 
 def tiled_gram_config(T: int, d: int, p: int) -> GramConfig:

@@ -21,20 +21,49 @@ from .engine import PrivacyEngine
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def assert_rel_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 0.0) -> None:
-    """Fail unless ||actual - expected|| <= rtol(dtype) * (||expected|| + scale); NaN never passes.
+def assert_rel_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 0.0, atol: float = 0.0) -> None:
+    """Fail unless ||actual - expected|| <= rtol(dtype) * (||expected|| + scale) + atol; NaN never passes.
 
     ``scale`` is the norm of a larger whole the tensor belongs to (e.g. the update of every
-    parameter): a parameter whose exact gradient is zero (a key bias under softmax) is then held
-    to rounding noise at the whole's scale rather than to a relative error of 0/0.
+    parameter, or the terms of a sum that cancels): a parameter whose exact gradient is zero (a key
+    bias under softmax) is then held to rounding noise at the whole's scale rather than to a
+    relative error of 0/0.  ``atol`` covers the float64 oracle's own rounding where the exact value is 0.
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     rtol = RTOL[dtype]
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert not torch.isnan(actual).any(), f"{name}: NaN in result"
     err = (actual - expected).norm().item()
-    bound = rtol * (expected.norm().item() + scale)
-    assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} = {rtol:g} * (||ref|| {expected.norm().item():.3g} + scale {scale:.3g}) ({dtype})"
+    bound = rtol * (expected.norm().item() + float(scale)) + atol
+    assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g} = {rtol:g} * (||ref|| {expected.norm().item():.3g} + scale {float(scale):.3g}) + {atol:g} ({dtype})"
+
+
+ORACLE_ATOL = 1e-12  # the float64 oracle's own rounding where the exact gradient is zero
+
+
+def check_against_oracle(view, module, inputs, G, coef, magnitude) -> None:
+    """norm_sq (per parameter and summed) and clipped_grad(coef) of a layer's per-sample ``view`` match
+    the float64 oracle ``reference.layer_per_sample_grads(module, inputs, G)``.
+
+    ``magnitude`` m {name: [B, *shape]} holds the per-sample gradients with every summand made positive,
+    so rounding is held to the size of the terms of a sum that cancels, not to the size of its result:
+    sum_i c_i g_i to ||sum_i c_i m_i||, and ||g_i||^2, a sum of products of two such terms (as in the
+    ghost trace), to ||m_i||^2.
+    """
+    ref = reference.layer_per_sample_grads(module, inputs, G)
+    param = dict(module.named_parameters())
+    norms, clipped = view.norm_sq(), view.clipped_grad(coef)
+    assert set(norms) == set(clipped) == {param[n] for n in ref}
+    total_sq = total_terms = torch.zeros(G.shape[0], dtype=torch.float64)
+    for n, g in ref.items():
+        sq, terms_sq = g.flatten(1).pow(2).sum(1), magnitude[n].flatten(1).pow(2).sum(1)
+        assert norms[param[n]].dtype == clipped[param[n]].dtype == G.dtype
+        assert_rel_close(f"{n} norm^2", norms[param[n]], sq, G.dtype, scale=terms_sq.norm(), atol=ORACLE_ATOL)
+        expected, terms = (torch.einsum("b...,b->...", t, coef.double()) for t in (g, magnitude[n]))
+        assert_rel_close(f"clipped {n}", clipped[param[n]], expected, G.dtype, scale=terms.norm(), atol=ORACLE_ATOL)
+        total_sq, total_terms = total_sq + sq, total_terms + terms_sq
+    summed = sum(norms.values())
+    assert_rel_close("norm^2 summed over parameters", summed, total_sq, G.dtype, scale=total_terms.norm(), atol=ORACLE_ATOL)
 
 
 def total_norm(tensors) -> float:

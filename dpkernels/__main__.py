@@ -1,10 +1,10 @@
-"""``dpkernels`` command line: ``python -m dpkernels demo [options]``."""
+"""``dpkernels`` command line: ``python -m dpkernels {demo,profile} [options]``."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"demo": "dpkernels.demo"}
+COMMANDS = {"demo": "dpkernels.demo", "profile": "dpkernels.profiling.profile"}
 
 
 def main(argv=None) -> int:

@@ -109,3 +109,39 @@ def step_workloads(small: bool) -> Tuple[Workload, ...]:
         linear_stack(4096, 4, False),
         linear_stack(16384, 1, False),
     )
+
+
+class BertClassifier(nn.Module):
+    """transformers' DistilBertForSequenceClassification (random weights) returning plain logits.
+
+    Position ids are passed as a contiguous [B, T] tensor, so the position Embedding sees the batch
+    dimension (per-sample norms need every trainable layer's input to start with the batch, and
+    Opacus's embedding norm sampler views its input flat).
+    ids [B, T] -> logits [B, labels].
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers import DistilBertForSequenceClassification
+
+        self.net = DistilBertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids).contiguous()
+        return self.net(input_ids=ids, position_ids=positions).logits
+
+
+def bert(T: int, B: int, small: bool, labels: int = 3) -> Workload:
+    """The DistilBERT-style sequence classifier of seed 002 (T = 128 there), SNLI-style 3 labels."""
+    from transformers import DistilBertConfig
+
+    if small:
+        config = DistilBertConfig(vocab_size=503, dim=64, n_layers=2, n_heads=4, hidden_dim=256, max_position_embeddings=max(T, 128), num_labels=labels)
+    else:
+        config = DistilBertConfig(max_position_embeddings=max(T, 512), num_labels=labels)
+    case = Case(
+        "bert",
+        lambda: BertClassifier(config),
+        lambda B: (torch.randint(0, config.vocab_size, (B, T)), torch.randint(0, labels, (B,))),
+    )
+    return Workload(f"bert-T{T}-B{B}", case, B, T)

@@ -35,7 +35,9 @@ class PerSampleLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, output, target):
-        per_sample = self.inner(output, target).flatten(1).mean(1) if output.dim() > 1 else self.inner(output, target)
+        per_sample = self.inner(output, target)
+        if per_sample.dim() > 1:
+            per_sample = per_sample.flatten(1).mean(1)
         if self.reduction == "none":
             return per_sample
         return per_sample.mean() if self.reduction == "mean" else per_sample.sum()

@@ -1,0 +1,209 @@
+"""``dpkernels profile``: argument validation, the result schema, summary and plots, isolation of
+experiments, and the memory breakdown adding up to the measured total (within TOLERANCE)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpkernels.__main__ import main as dpkernels_main
+from dpkernels.profiling import profile
+from dpkernels.profiling.breakdown import COMPONENTS, PHASES, TOLERANCE
+from dpkernels.profiling.profile import Progress, experiment_specs, main, measure, new_run_dir, run_matrix
+from dpkernels.profiling.step import STEP_MODES
+
+TINY = ["--models", "linear", "--seq", "8", "--batch", "2", "--steps", "1", "--warmup", "1", "--no-plots"]
+RECORD_KEYS = {
+    "schema", "experiment", "status", "error", "config", "peak_memory_mb", "avg_time_ms", "step_times_ms",
+    "breakdown", "snapshots", "run", "memory_source", "device", "versions", "started_at", "wall_s",
+}
+
+
+def spec(mode: str, model: str = "linear", T: int = 8, B: int = 2, **over) -> dict:
+    settings = {"modes": [mode], "models": [model], "seq": [T], "batch": [B], "size": "small", "steps": 1, "warmup": 0,
+                "grad_accum": 1, "optimizer": "adam", "amp": "none", "device": "cpu", "threads": None}
+    settings.update(over)
+    return experiment_specs(settings)[0]
+
+
+# ---- arguments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--modes", "nosuch"], "unknown mode 'nosuch'"),
+        (["--models", "resnet"], "unknown model 'resnet'"),
+        (["--batch", "-1"], "must be a positive integer"),
+        (["--seq", "0"], "must be a positive integer"),
+        (["--steps", "0"], "must be a positive integer"),
+        (["--warmup", "-2"], "must be >= 0"),
+        (["--preset", "nosuch"], "invalid choice"),
+        (["--preset", "llama-fsdp"], "needs 2 CUDA GPUs"),
+        (["--single", "{}"], "--single and --result go together"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    if argv[:2] == ["--preset", "llama-fsdp"] and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs that the preset needs")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_help_documents_modes_presets_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dpkernels_main(["profile", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in (*STEP_MODES, *profile.PRESETS, *profile.MODELS, "--grad-accum", "--steps", "--preset", "hooks = opacus_hooks"):
+        assert word in text
+
+
+def test_modes_come_from_step_modes_and_accept_aliases():
+    parser = profile.build_parser()
+    settings = profile.resolve(parser.parse_args(["--modes", "hooks,nondp", "bk"]), parser)
+    assert settings["modes"] == ["opacus_hooks", "nondp", "bk"]
+    assert profile.resolve(parser.parse_args([]), parser)["modes"] == list(STEP_MODES)
+
+
+def test_preset_values_are_overridden_by_explicit_options():
+    parser = profile.build_parser()
+    settings = profile.resolve(parser.parse_args(["--preset", "seed002", "--batch", "2"]), parser)
+    assert settings["models"] == ["bert"] and settings["seq"] == [128] and settings["grad_accum"] == 4
+    assert settings["batch"] == [2]
+
+
+def test_default_matrix_is_a_small_gpt_comparison_on_cpu():
+    parser = profile.build_parser()
+    specs = experiment_specs(profile.resolve(parser.parse_args(["--device", "cpu"]), parser))
+    assert {s["model"] for s in specs} == {"gpt"} and {s["size"] for s in specs} == {"small"}
+    assert {s["mode"] for s in specs} == set(STEP_MODES)
+
+
+# ---- a whole run: JSON, summary, plots -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    code = main([*TINY, "--modes", "nondp", "opacus_hooks", "bk", "--grad-accum", "2", "--out", str(out)])
+    (run_dir,) = out.iterdir()
+    return code, run_dir
+
+
+def records_of(run_dir: Path) -> list:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("linear_*.json"))]
+
+
+def test_run_writes_one_json_per_experiment_with_the_schema(tiny_run):
+    code, run_dir = tiny_run
+    assert code == 0
+    assert run_dir.name.startswith("run_")
+    records = records_of(run_dir)
+    assert [r["experiment"] for r in records] == ["linear_T8_B2_bk", "linear_T8_B2_nondp", "linear_T8_B2_opacus_hooks"]
+    for r in records:
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert r["status"] == "ok" and r["memory_source"] == "tensor_tracker"
+        assert r["peak_memory_mb"] > 0 and r["avg_time_ms"] > 0 and len(r["step_times_ms"]) == 1
+        assert set(r["breakdown"]["components_mb"]) == set(COMPONENTS)
+        assert r["run"]["steps"] == 2 and r["run"]["grad_accum"] == 2
+        assert {s["phase"] for s in r["snapshots"]} <= set(PHASES)
+        assert r["versions"]["torch"] == torch.__version__ and r["device"]["type"] == "cpu"
+    assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*"))
+
+
+def test_run_timeline_has_every_micro_batch(tiny_run):
+    _, run_dir = tiny_run
+    nondp = json.loads((run_dir / "linear_T8_B2_nondp.json").read_text())
+    forwards = [(s["step"], s["micro_batch"]) for s in nondp["run"]["snapshots"] if s["phase"] == "after_forward"]
+    assert forwards == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_summary_shows_ratios_and_both_measurements(tiny_run):
+    _, run_dir = tiny_run
+    text = (run_dir / "summary.txt").read_text()
+    assert "x nondp" in text and "step peak" in text and "run peak" in text
+    assert "linear_T8_B2_opacus_hooks" in text and "Single-step breakdown" in text
+    # two micro-batches per step: the second one's forward runs while the first one's gradients are held
+    assert "gradients accumulated over micro-batches" in text
+
+
+def test_plots_are_written(tmp_path, tiny_run):
+    from dpkernels.profiling.plots import write_plots
+
+    _, run_dir = tiny_run
+    paths = write_plots(records_of(run_dir), tmp_path)
+    assert {p.name for p in paths} == {"memory_breakdown.png", "memory_timeline.png", "seq_scaling.png", "tradeoff.png", "overhead.png"}
+    for p in paths:
+        assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_gets_a_new_folder(tmp_path):
+    assert new_run_dir(tmp_path) != new_run_dir(tmp_path)
+
+
+# ---- isolation -----------------------------------------------------------------------------------------
+
+
+def test_a_failing_experiment_leaves_the_others_intact(tmp_path, monkeypatch):
+    good, bad, crash = spec("nondp"), spec("nondp", T=9), spec("nondp", T=10)
+    bad["mode"] = bad["experiment"] = "nosuch"  # the worker itself fails and says so
+    real_command = profile.worker_command
+
+    def command(s, result):  # a worker that dies without writing anything
+        return [sys.executable, "-c", "import sys; sys.exit(3)"] if s is crash else real_command(s, result)
+
+    monkeypatch.setattr(profile, "worker_command", command)
+    stream = io.StringIO()
+    records = run_matrix([good, bad, crash], tmp_path, timeout=300, progress=Progress(3, stream))
+    assert [r["status"] for r in records] == ["ok", "failed", "failed"]
+    assert "unknown mode" in records[1]["error"] and "exited with code 3" in records[2]["error"]
+    on_disk = {json.loads(p.read_text())["experiment"]: json.loads(p.read_text())["status"] for p in tmp_path.glob("*.json")}
+    assert on_disk == {good["experiment"]: "ok", "nosuch": "failed", crash["experiment"]: "failed"}
+    assert stream.getvalue().count("\n") == 3 and "3/3" in stream.getvalue()
+
+
+# ---- the breakdown adds up ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_breakdown_adds_up_to_the_measured_total(mode):
+    """At every snapshot the components add up to the tracker's total within TOLERANCE, and the
+    step's breakdown (components + temporaries) adds up to its measured peak."""
+    from dpkernels.profiling.breakdown import MB, step_breakdown
+
+    trainer, meter, recorder = measure(spec(mode, model="gpt", T=16, B=3), torch.device("cpu"), 2, 1)
+    for snap in recorder.snapshots:
+        assert abs(snap["unattributed_mb"]) <= TOLERANCE * snap["total_mb"], snap
+    b = step_breakdown(recorder.snapshots, meter.peak() / MB)
+    assert abs(sum(b["components_mb"].values()) + b["temporaries_mb"] - b["peak_mb"]) <= TOLERANCE * b["peak_mb"]
+    assert b["temporaries_mb"] >= 0
+
+
+def test_breakdown_finds_what_each_algorithm_holds():
+    """nondp: activations held by autograd after forward; Opacus hooks: B per-sample gradients after
+    backward; bk: the cached (A, G) once the norms are known, with autograd's graph already freed."""
+    def at(mode, phase):
+        _, _, recorder = measure(spec(mode, model="gpt", T=16, B=3), torch.device("cpu"), 1, 1)
+        return next(s for s in recorder.snapshots if s["phase"] == phase)["components_mb"]
+
+    assert at("nondp", "after_forward")["autograd_activations"] > 0
+    hooks = at("opacus_hooks", "after_backward")
+    assert hooks["clipping_cache"] == pytest.approx(3 * hooks["parameters"], rel=0.01)
+    bk = at("bk", "after_norm_pass")
+    assert bk["clipping_cache"] > 0 and bk["autograd_activations"] == 0

@@ -104,7 +104,7 @@ def test_non_finite_norm_refuses_the_step_and_names_the_sample(mode):
     with pytest.raises(NonFiniteNormError, match=r"samples \[3\]"):
         criterion(dp_model(x), y).backward()
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._layer_norm_sq == []
+    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._param_norm_sq == []
 
 
 class Custom(nn.Module):
@@ -335,7 +335,7 @@ def test_cached_tensors_are_released_after_the_step(mode):
     dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "mean")
     x, y = mlp_batch(4)
     criterion(dp_model(x), y).backward()
-    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._layer_norm_sq == []
+    assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._param_norm_sq == []
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

@@ -110,7 +110,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         object.__setattr__(self, "keep_samples", keep_samples)
         object.__setattr__(self, "linear_norm", linear_norm)
         object.__setattr__(self, "_inputs", {})
-        object.__setattr__(self, "_layer_norm_sq", [])
+        object.__setattr__(self, "_param_norm_sq", [])  # (layer name, param, per-sample squared norm [B])
+        object.__setattr__(self, "_scale", 1)
         object.__setattr__(self, "_kept", [])
         object.__setattr__(self, "_layer_names", {})
         object.__setattr__(self, "single_sample_step", False)
@@ -182,33 +183,36 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             norms = view.norm_sq()
         except LayerInputError as e:
             raise LayerInputError(f"layer {name} ({type(module).__name__}): {e}") from None
-        layer_sq = None
-        for p, sq in norms.items():
-            sq = sq * (scale * scale)
-            p._norm_sample = sq.sqrt().to(p.dtype)  # Opacus's attribute, in its dtype; sums stay in float32
-            layer_sq = sq if layer_sq is None else layer_sq + sq
-        if layer_sq is not None:
-            self._layer_norm_sq.append((name, layer_sq))
+        self._param_norm_sq.extend((name, p, sq) for p, sq in norms.items())
+        self._scale = scale
         if self.keep_samples:
             self._kept.append((view, scale))
 
     # ---- norms and coefficients ----------------------------------------------------------------
     def get_norm_sample(self) -> torch.Tensor:
-        """||g_i|| over every trainable parameter, [B]; raises NonFiniteNormError on NaN/Inf."""
-        if not self._layer_norm_sq:
+        """||g_i|| over every trainable parameter, [B]; raises NonFiniteNormError on NaN/Inf.
+
+        The per-parameter squared norms are scaled and reduced in a few batched operations here,
+        not per layer in the hooks; each parameter's ``_norm_sample`` (Opacus's attribute) is a row of it.
+        """
+        if not self._param_norm_sq:
             raise RuntimeError("no per-sample norms: call backward on a loss of the wrapped model first")
         self._check_one_batch_size()
-        device = self._layer_norm_sq[0][1].device
-        table = torch.stack([sq.to(device) for _, sq in self._layer_norm_sq])  # [layers, B]
+        first = self._param_norm_sq[0][2]
+        dt = torch.float64 if any(sq.dtype == torch.float64 for _, _, sq in self._param_norm_sq) else first.dtype
+        table = torch.stack([sq.to(first.device, dt) for _, _, sq in self._param_norm_sq])  # [params, B]
+        table *= self._scale * self._scale
         total = table.sum(0)
         if not bool(torch.isfinite(total).all()):
             raise NonFiniteNormError(self._describe_non_finite(table))
+        for (_, p, _), row in zip(self._param_norm_sq, table.sqrt()):
+            p._norm_sample = row.to(p.dtype)
         norms = total.sqrt()
         self.per_sample_gradient_norms = norms
         return norms
 
     def _check_one_batch_size(self) -> None:
-        sizes = {name: sq.shape[0] for name, sq in self._layer_norm_sq}
+        sizes = {name: sq.shape[0] for name, _, sq in self._param_norm_sq}
         if len(set(sizes.values())) > 1:
             raise LayerInputError(
                 f"layers saw different batch sizes {sizes}: every trainable layer must be called on "
@@ -218,7 +222,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
 
     def _describe_non_finite(self, table: torch.Tensor) -> str:
         bad = ~torch.isfinite(table)
-        layers = [self._layer_norm_sq[i][0] for i in bad.any(1).nonzero().flatten().tolist()]
+        layers = sorted({self._param_norm_sq[i][0] for i in bad.any(1).nonzero().flatten().tolist()})
         samples = bad.any(0).nonzero().flatten().tolist()
         return (
             f"per-sample gradient norm is NaN or Inf for samples {samples} (batch positions) in layers "
@@ -247,6 +251,6 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def clear_step_state(self) -> None:
         """Drop cached inputs, norms and kept views (end of a step, or a refused step)."""
         self._inputs.clear()
-        self._layer_norm_sq.clear()
+        self._param_norm_sq.clear()
         self._kept.clear()
         self.single_sample_step = False

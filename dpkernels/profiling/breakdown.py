@@ -15,7 +15,7 @@ each component, in MB (2**20 bytes):
     clipping_cache        tensors cached by the clipping algorithm: dpkernels' ``_inputs`` (layer
                           inputs A) and ``_kept`` (bookkeeping views: A and G, or per-sample
                           gradients); Opacus's ``module.activations`` and ``p.grad_sample``
-    norm_buffers          per-sample norms: dpkernels' ``_layer_norm_sq``, ``p._norm_sample``,
+    norm_buffers          per-sample norms: dpkernels' ``_param_norm_sq``, ``p._norm_sample``,
                           ``per_sample_gradient_norms``
     unattributed          total - sum of the above: the loss, allocator workspaces, and tensors only
                           a local variable holds (in a norm pass after an earlier micro-batch, the
@@ -200,7 +200,8 @@ def clipping_cache(model: nn.Module) -> List[torch.Tensor]:
 
 
 def norm_buffers(model: nn.Module) -> List[torch.Tensor]:
-    found = list(tensors_in(model.__dict__.get("_layer_norm_sq"))) + list(tensors_in(model.__dict__.get("per_sample_gradient_norms")))
+    per_param = [sq for _, _, sq in model.__dict__.get("_param_norm_sq", [])]  # entries also name the parameter
+    found = per_param + list(tensors_in(model.__dict__.get("per_sample_gradient_norms")))
     for p in model.parameters():
         found += list(tensors_in(p.__dict__.get("_norm_sample")))
     return found

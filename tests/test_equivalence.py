@@ -30,6 +30,19 @@ class AttentionClassifier(nn.Module):
         return self.head(self.norm(x + y).mean(1))
 
 
+class FallbackLayers(nn.Module):
+    """Layer types without a dpkernels rule, handled by Opacus's grad samplers (materialised)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, 2)
+        self.norm = nn.InstanceNorm3d(3, affine=True)
+        self.head = nn.Linear(3 * 8, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
 def tokens(B, T=7, vocab=19):
     return torch.randint(0, vocab, (B, T))
 
@@ -38,6 +51,7 @@ CASES = [
     Case("mlp", MLP, lambda B: (torch.randn(B, 12), torch.randint(0, 5, (B,)))),
     Case("two_branch_frozen_stem", TwoBranch, lambda B: (torch.randn(B, 10), torch.randint(0, 3, (B,)))),
     Case("convnet", ConvNet, lambda B: (torch.randn(B, 3, 9, 9), torch.randint(0, 4, (B,)))),
+    Case("opacus_fallback_conv3d_instancenorm", FallbackLayers, lambda B: (torch.randn(B, 2, 3, 3, 3), torch.randint(0, 4, (B,)))),
     Case(
         "gpt_layernorm",
         lambda: GPT(GPTConfig(vocab=19, d=16, layers=2, heads=2, max_len=8)),

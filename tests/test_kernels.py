@@ -214,6 +214,26 @@ def test_auto_choice_is_the_linear_cost_rule(B, T, d, p):
     assert heuristics.resolve_kernel("auto", None, B, T, d, p) == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_flops_are_weighted_by_their_measured_cost(dtype):
+    """The Gram kernel runs below the tiles' efficiency: it is chosen only when that many times cheaper."""
+    c = heuristics.GRAM_FLOP_COST[dtype]
+    d = p = 4096
+    T_even = d * p // (d + p)  # equal flops: the plain rule's boundary
+    assert heuristics.choose_kernel(1, T_even // 2, d, p) == "gram"
+    assert heuristics.choose_kernel(1, int(T_even / c) + 1, d, p, dtype) == "psg"
+    assert heuristics.choose_kernel(1, int(T_even / c) - 1, d, p, dtype) == "gram"
+
+
+@pytest.mark.parametrize("B,T,d,p", [(1, 32768, 1024, 1024), (1, 16384, 768, 3072), (32, 16384, 256, 256), (2, 65536, 64, 64)])
+def test_split_buffer_stays_within_its_bound(B, T, d, p):
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = heuristics.psg_config(B, T, d, p, dtype, programs=264)
+        tiles = B * heuristics.cdiv(p, cfg.BP) * heuristics.cdiv(d, cfg.BD)
+        if cfg.splits(T) > 1:
+            assert cfg.splits(T) * tiles * cfg.BP * cfg.BD * 4 <= heuristics.SPLIT_BUFFER_BYTES
+
+
 def test_mismatched_config_and_bad_method_raise():
     A, G = make(2, 3, 4, 5)
     with pytest.raises(ValueError):

@@ -137,7 +137,7 @@ def run_case(B: int, T: int, d: int, p: int, dtype: torch.dtype, ceil: Dict[str,
     nbytes = (A.numel() + G.numel()) * A.element_size()
     floor_ms = max(nbytes / ceil["copy_GBps"] / 1e6, flops(B, T, d, p) / rate / 1e9)
     row = {"B": B, "T": T, "d": d, "p": p, "dtype": str(dtype).replace("torch.", ""),
-           "kernel": choose_kernel(B, T, d, p), "floor_ms": floor_ms}
+           "kernel": choose_kernel(B, T, d, p, dtype), "floor_ms": floor_ms}
     row["flash"] = measure(lambda: flash_weight_norm_sq(A, G))
     row["bmm"] = measure(lambda: bmm_norm_sq(A, G)) if B * d * p * 4 <= BASELINE_BYTES else None
     row["gram"] = measure(lambda: gram_norm_sq(A, G)) if 2 * B * T * T * 4 <= BASELINE_BYTES else None

@@ -22,6 +22,9 @@ from ..layers.linear import choose_method
 
 KERNELS = ("auto", "gram", "psg")
 
+# A T split stores every split's fp32 tiles: at most this many bytes (the kernels' extra memory).
+SPLIT_BUFFER_BYTES = 12 * 2**20
+
 # Tile sizes of the CPU PyTorch path (tiled.py): large tiles, since every tile step is one bmm call.
 TILED_BT = 256
 TILED_BPD = 256
@@ -68,16 +71,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
-def choose_kernel(B: int, T: int, d: int, p: int) -> str:
-    """'gram' where 2 B T^2 (d + p) < 2 B T d p (linear.choose_method says ghost), else 'psg'."""
-    return "gram" if choose_method(B, T, d, p) == "ghost" else "psg"
+# How much slower a Gram-kernel flop is than a per-sample-gradient-tile flop (measured on an H200 with
+# ``python -m dpkernels.kernels.bench``: fp32 Gram 13-50% of its floor against 80-93% for the tiles;
+# 16-bit Gram 65-80% against 85-100%, at shapes where the floor is >= 0.05 ms).
+GRAM_FLOP_COST = {torch.float32: 3.0, torch.bfloat16: 1.5, torch.float16: 1.5}
 
 
-def resolve_kernel(method: str, config: Optional[Config], B: int, T: int, d: int, p: int) -> str:
+def choose_kernel(B: int, T: int, d: int, p: int, dtype: Optional[torch.dtype] = None) -> str:
+    """'gram' where its flops, weighted by GRAM_FLOP_COST[dtype], are fewer than the tiles' flops:
+    c 2 B T^2 (d + p) < 2 B T d p, else 'psg'.  Without a dtype: the plain flop rule of
+    linear.choose_method (c = 1), which the CPU tiling uses."""
+    if dtype is None:
+        return "gram" if choose_method(B, T, d, p) == "ghost" else "psg"
+    return "gram" if GRAM_FLOP_COST[dtype] * T * (d + p) < d * p else "psg"
+
+
+def resolve_kernel(method: str, config: Optional[Config], B: int, T: int, d: int, p: int, dtype: Optional[torch.dtype] = None) -> str:
     """The kernel ("gram" or "psg") for ``method``; a given ``config`` must be of that kernel's type."""
     if method not in KERNELS:
         raise ValueError(f"method must be one of {KERNELS}, got {method!r}")
-    kernel = choose_kernel(B, T, d, p) if method == "auto" else method
+    kernel = choose_kernel(B, T, d, p, dtype) if method == "auto" else method
     if config is not None and not isinstance(config, GramConfig if kernel == "gram" else PsgConfig):
         raise ValueError(f"kernel {kernel!r} cannot run with {config!r}")
     return kernel
@@ -111,7 +124,8 @@ def psg_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, programs: int
     T split where 128 x 128 tiles (4 warps) would not; BT = 64, 3 stages.  fp32 inputs (exact ieee
     dot on CUDA cores): 64 x 64 tiles, BT = 32, 3 stages.  When the B * NP * ND tiles fill fewer than
     ``programs``, T is split into NS ranges of TS rows (a multiple of BT) so that about ``programs``
-    programs run; the split's tile partials then take about 2 * programs * BP * BD * 4 bytes.
+    programs run, as long as the split's fp32 tile partials (NS * tiles * BP * BD * 4 bytes) stay within
+    SPLIT_BUFFER_BYTES.
     (Chosen from ``python -m dpkernels.kernels.bench --tune`` on an H200.)
     """
     if dtype == torch.float32:
@@ -124,7 +138,8 @@ def psg_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, programs: int
         narrow_splits = split_for(B * cdiv(p, BP) * cdiv(d, BD_small), T, BT, programs)
         if wide_splits > 1 and narrow_splits == 1:
             BD, warps = BD_small, 4
-    NS = split_for(B * cdiv(p, BP) * cdiv(d, BD), T, BT, programs)
+    tiles = B * cdiv(p, BP) * cdiv(d, BD)
+    NS = min(split_for(tiles, T, BT, programs), max(1, SPLIT_BUFFER_BYTES // (tiles * BP * BD * 4)))
     TS = cdiv(cdiv(T, NS), BT) * BT
     return PsgConfig(BP=BP, BD=BD, BT=BT, TS=TS, num_warps=warps, num_stages=3)
 

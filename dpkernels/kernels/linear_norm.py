@@ -251,8 +251,8 @@ def linear_norm_sq(
     """
     B, T, d = A.shape
     p = G.shape[-1]
-    kernel = resolve_kernel(method, config, B, T, d, p)
     dtype = torch.float32 if torch.float32 in (A.dtype, G.dtype) else A.dtype
+    kernel = resolve_kernel(method, config, B, T, d, p, dtype)
     guard = torch.cuda.device(A.device) if A.is_cuda else contextlib.nullcontext()
     with guard:
         if kernel == "gram":

@@ -1,0 +1,112 @@
+"""Privacy mechanics and determinism: clipped norms are bounded, the noise has the stated scale,
+runs repeat bitwise, and shapes that change between steps stay exact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dpkernels import MODES, reference
+from dpkernels.models import GPT, ConvNet, GPTConfig
+from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update, sample_loss_fn, total_norm
+
+MODE_NAMES = sorted(MODES)
+GPT_CFG = GPTConfig(vocab=31, d=16, layers=1, heads=2, max_len=40)
+
+
+def gpt_case(T: int) -> Case:
+    return Case(
+        f"gpt-T{T}",
+        lambda: GPT(GPT_CFG),
+        lambda B: (torch.randint(0, 31, (B, T)), torch.randint(0, 31, (B, T))),
+        logits_of=lambda out: out.transpose(1, 2),
+    )
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_every_clipped_per_sample_gradient_is_within_the_clip_norm(mode):
+    """||c_i g_i|| <= C (1 + 1e-6) for every sample, with c_i from the mode and g_i from the oracle."""
+    torch.manual_seed(0)
+    case = gpt_case(9)
+    model, batch = case.build().double(), case.batch(6)
+    grads = reference.per_sample_grads(model, sample_loss_fn(case, "sum"), batch)
+    norms = reference.flat_norms(grads)
+    C = norms.quantile(0.5).item()
+    dp_model, _, criterion, _ = make_private(copy.deepcopy(model), batch, case, mode, C, "sum")
+    criterion(case.logits_of(dp_model(batch[0])), batch[1]).backward()
+    coef = reference.clip_coefficients(dp_model.per_sample_gradient_norms, C)
+    assert_rel_close("per-sample norms", dp_model.per_sample_gradient_norms, norms, torch.float64)
+    assert torch.all(coef * norms <= C * (1 + 1e-6))
+    assert int((coef < 1).sum()) == 3
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_noise_has_standard_deviation_sigma_c_over_b(mode):
+    """Zero gradients, mean reduction: each coordinate of the update is N(0, (sigma C / B)^2).
+
+    100,000 coordinates: the sample standard deviation has a relative standard error of
+    1/sqrt(2 n) = 0.22%, so the +-2% band is 9 standard errors wide (false alarm < 1e-18).
+    """
+    sigma, C, B = 1.3, 0.7, 8
+    model = nn.Linear(1000, 100, bias=False)
+    nn.init.zeros_(model.weight)
+    case = Case("zero", lambda: model, lambda n: (torch.randn(n, 1000), torch.zeros(n, 100)), criterion=nn.MSELoss)
+    batch = case.batch(B)
+    dp_model, optimizer, criterion, _ = make_private(model, batch, case, mode, C, "mean", noise=sigma)
+    criterion(dp_model(batch[0]) * 0, batch[1]).backward()
+    optimizer.step()  # SGD lr=1: weight = -(noise / B)
+    std = model.weight.detach().std().item()
+    assert abs(std / (sigma * C / B) - 1) < 0.02, std
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_two_runs_are_bitwise_identical_on_cpu(mode):
+    case = gpt_case(11)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, batch = case.build(), case.batch(5)
+        runs.append(dp_update(model, batch, case, mode, 0.05, "mean"))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_sequence_length_changing_between_steps_stays_exact(mode):
+    """One wrapped model, steps at T = 3, 37, 5: every step's update equals its oracle's."""
+    torch.manual_seed(2)
+    model = GPT(GPT_CFG).double()
+    first = gpt_case(3)
+    dp_model, optimizer, criterion, _ = make_private(model, first.batch(4), first, mode, 1.0, "mean")
+    for T in (3, 37, 5):
+        case = gpt_case(T)
+        batch = case.batch(4)
+        snapshot = copy.deepcopy(model)
+        C, expected, _ = oracle_update(snapshot, batch, case, "mean")
+        optimizer.max_grad_norm = dp_model.max_grad_norm = C
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        criterion(case.logits_of(dp_model(batch[0])), batch[1]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        whole = total_norm(expected.values())
+        for n, p in model.named_parameters():
+            assert_rel_close(f"T={T} {n}", before[n] - p.detach(), expected[n], torch.float64, scale=whole)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_channels_last_and_non_contiguous_inputs_stay_exact(mode):
+    torch.manual_seed(3)
+    case = Case("convnet", ConvNet, lambda B: (torch.randn(B, 3, 9, 9), torch.randint(0, 4, (B,))))
+    model = ConvNet().double()
+    images, labels = case.batch(5)
+    images = images.double()
+    C, expected, _ = oracle_update(model, (images, labels), case, "mean")
+    channels_last = images.to(memory_format=torch.channels_last)
+    strided = torch.randn(5, 3, 9, 18, dtype=torch.float64)[..., ::2].copy_(images)
+    for x in (channels_last, strided):
+        got = dp_update(model, (x, labels), case, mode, C, "mean")
+        whole = total_norm(expected.values())
+        for n in expected:
+            assert_rel_close(n, got[n], expected[n], torch.float64, scale=whole)

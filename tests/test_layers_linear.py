@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -11,7 +13,7 @@ from torch import nn
 from dpkernels.errors import LayerInputError
 from dpkernels.layers.linear import LinearSamples, choose_method, weight_norm_sq
 from dpkernels.reference import layer_per_sample_grads
-from dpkernels.testing import assert_rel_close
+from dpkernels.testing import assert_rel_close, check_against_oracle
 
 PRIMES_AND_EDGES = [1, 2, 3, 5, 7, 13, 31, 61, 64]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -19,6 +21,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @st.composite
 def linear_case(draw):
+    """(layer, x, G): B in [0, 8], input rank 2/3/4, T up to 64 with primes, d, p in [1, 48], bias, dtype."""
     B = draw(st.integers(0, 8))
     rank = draw(st.sampled_from([2, 3, 4]))
     if rank == 2:
@@ -28,48 +31,38 @@ def linear_case(draw):
     else:
         lead = (draw(st.integers(1, 4)), draw(st.integers(1, 16)))
     d, p = draw(st.integers(1, 48)), draw(st.integers(1, 48))
-    bias = draw(st.booleans())
     dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
-    return B, lead, d, p, bias, dtype
-
-
-def make(B, lead, d, p, bias, dtype):
-    layer = nn.Linear(d, p, bias=bias).to(dtype)
-    x = torch.randn(B, *lead, d, dtype=dtype)
-    G = torch.randn(B, *lead, p, dtype=dtype)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    layer = nn.Linear(d, p, bias=draw(st.booleans())).to(dtype)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=dtype))
+    x = torch.randn(B, *lead, d, generator=gen, dtype=dtype)
+    G = torch.randn(B, *lead, p, generator=gen, dtype=dtype)
     return layer, x, G
 
 
+def magnitude(layer, x, G):
+    """Per-sample gradients with every summand made positive: the scale rounding is held to."""
+    return layer_per_sample_grads(layer, (x.abs(),), G.abs())
+
+
 @given(linear_case(), st.sampled_from(["auto", "ghost", "direct"]))
-def test_norms_match_oracle(case, method):
-    B, lead, d, p, bias, dtype = case
-    layer, x, G = make(*case)
-    ref = layer_per_sample_grads(layer, (x,), G)
-    got = LinearSamples(layer, (x,), G, method=method).norm_sq()
-    assert set(got) == set(layer.parameters())
-    for name, param in layer.named_parameters():
-        expected = ref[name].flatten(1).pow(2).sum(1)
-        assert got[param].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert_rel_close(f"{name} norm^2 ({method})", got[param], expected, dtype)
+def test_norms_and_clipped_grads_match_oracle(case, method):
+    layer, x, G = case
+    coef = torch.rand(x.shape[0], dtype=G.dtype)
+    check_against_oracle(LinearSamples(layer, (x,), G, method=method), layer, (x,), G, coef, magnitude(layer, x, G))
 
 
-@given(linear_case(), st.booleans())
-def test_clipped_grad_matches_oracle(case, keep):
+@given(linear_case())
+def test_kept_per_sample_gradients_match_oracle(case):
     """keep=True (bookkeeping) holds per-sample gradients where T (d + p) >= d p, else (A, G)."""
-    B, lead, d, p, bias, dtype = case
-    layer, x, G = make(*case)
-    coef = torch.rand(B, dtype=torch.float64)
-    ref = layer_per_sample_grads(layer, (x,), G)
-    view = LinearSamples(layer, (x,), G, keep=keep)
-    T = x[0].numel() // d if B else 1
-    assert (view.W is not None) == (keep and choose_method(B, T, d, p) == "direct")
-    norms = view.norm_sq()
-    for name, param in layer.named_parameters():
-        assert_rel_close(f"{name} norm^2 (keep={keep})", norms[param], ref[name].flatten(1).pow(2).sum(1), dtype)
-    got = view.clipped_grad(coef.to(dtype))
-    for name, param in layer.named_parameters():
-        expected = torch.einsum("b...,b->...", ref[name], coef)
-        assert_rel_close(f"clipped {name}", got[param], expected, dtype)
+    layer, x, G = case
+    B, d, p = x.shape[0], layer.in_features, layer.out_features
+    view = LinearSamples(layer, (x,), G, keep=True)
+    T = math.prod(x.shape[1:-1])
+    assert (view.W is not None) == (choose_method(B, T, d, p) == "direct")
+    check_against_oracle(view, layer, (x,), G, torch.rand(B, dtype=G.dtype), magnitude(layer, x, G))
 
 
 def test_bias_norm_is_norm_of_sum_not_sum_of_norms():

@@ -418,6 +418,8 @@ def chunked_reference(A, G):
         pytest.param(8, 256, 8192, 8192, "gram", id="B8-T256-d8192-p8192-gram"),
         pytest.param(9, 32768, 8192, 256, "psg", id="B9-T32768-d8192-p256-BTd-over-2^31"),
         pytest.param(1040, 256, 8192, 64, "gram", id="B1040-T256-d8192-p64-BTd-over-2^31"),
+        pytest.param(1, 2**20, 16, 16, "psg", id="B1-T1048576-d16-p16-long-sequence"),
+        pytest.param(2, 2**20, 64, 48, "auto", id="B2-T1048576-d64-p48-long-sequence"),
     ],
 )
 def test_gpu_large_shapes_bf16(B, T, d, p, method):

@@ -110,3 +110,54 @@ def test_channels_last_and_non_contiguous_inputs_stay_exact(mode):
         whole = total_norm(expected.values())
         for n in expected:
             assert_rel_close(n, got[n], expected[n], torch.float64, scale=whole)
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(10, 32)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.fc1(x))))
+
+
+class FixedMask(nn.Module):
+    """Dropout replayed: multiplies sample ``index`` by the mask the DP step's forward drew for it."""
+
+    def __init__(self, masks: torch.Tensor):
+        super().__init__()
+        self.masks, self.index = masks, 0
+
+    def forward(self, x):
+        return x * self.masks[self.index : self.index + 1].to(x.dtype)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_dropout_uses_the_forward_pass_masks(mode):
+    """The hooks see the real forward's dropout masks (no re-forward): the update equals the oracle
+    run with the same per-sample masks."""
+    torch.manual_seed(4)
+    case = Case("dropout", DropoutMLP, lambda B: (torch.randn(B, 10), torch.randint(0, 3, (B,))))
+    model, batch = DropoutMLP().double(), case.batch(6)
+    x = batch[0].double()
+    masks = []
+    handle = model.drop.register_forward_hook(lambda m, inp, out: masks.append((out / inp[0].where(inp[0] != 0, 1)).detach()))
+    torch.manual_seed(5)
+    got = dp_update(model, (x, batch[1]), case, mode, 0.3, "mean")
+    handle.remove()
+    (mask,) = masks  # one forward pass
+    replay = copy.deepcopy(model)
+    replay.drop = FixedMask(mask)
+
+    def sample_loss(m, xi, yi):
+        i = next(k for k in range(len(x)) if torch.equal(x[k : k + 1], xi))
+        m.drop.index = i
+        return nn.functional.cross_entropy(m(xi), yi)
+
+    grads = reference.per_sample_grads(replay, sample_loss, (x, batch[1]))
+    expected = {n: g / 6 for n, g in reference.clipped_sum(grads, 0.3).items()}
+    whole = total_norm(expected.values())
+    for n in expected:
+        assert_rel_close(n, got[n], expected[n], torch.float64, scale=whole)

@@ -10,15 +10,13 @@ to the non-private step of the same workload and precision, measured in the same
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 
 import pytest
 import torch
 
 from dpkernels.models.workloads import step_workloads
-from dpkernels.profiling import default_device, peak_memory, synchronize
-from dpkernels.profiling.step import STEP_MODES, Trainer
+from dpkernels.profiling import default_device
+from dpkernels.profiling.step import STEP_MODES, Trainer, median_step_time_and_peak
 
 WORKLOADS = step_workloads(small=not torch.cuda.is_available())
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -69,17 +67,8 @@ def nondp_reference():
         if key not in cache:
             start = allocated_after_release()
             trainer = Trainer(workload, "nondp", default_device(), PRECISIONS[precision])
-            trainer.step()
-            times = []
-            for _ in range(rounds_for(workload)):
-                synchronize()
-                start = time.perf_counter()
-                trainer.step()
-                synchronize()
-                times.append(time.perf_counter() - start)
-            with peak_memory(default_device()) as mem:
-                trainer.step()
-            cache[key] = (statistics.median(times), setup_peak(start, mem["peak_bytes"]))
+            seconds, peak = median_step_time_and_peak(trainer, rounds_for(workload))
+            cache[key] = (seconds, setup_peak(start, peak))
             del trainer
             allocated_after_release()
         return cache[key]

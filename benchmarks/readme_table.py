@@ -16,6 +16,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from dpkernels.profiling.report import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ROOT / "benchmarks" / "baselines"
 README = ROOT / "README.md"
@@ -75,9 +77,7 @@ def main(argv=None) -> int:
             print("README results table is out of date: run python benchmarks/readme_table.py", file=sys.stderr)
             return 1
         return 0
-    tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(updated)
-    tmp.replace(README)
+    write_atomic(README, updated)
     return 0
 
 

@@ -7,17 +7,15 @@ oracle (noise 0, some samples clipped), the median time per step and the peak me
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from . import MODES
 from .models import GPT, GPTConfig
-from .profiling import peak_memory
-from .testing import Case, dp_update, make_private, oracle_update, total_norm
+from .models.workloads import Workload
+from .profiling.step import Trainer, median_step_time_and_peak
+from .testing import Case, dp_update, oracle_update, total_norm
 
 
 def gpt_case(vocab: int, d: int, layers: int, T: int) -> Case:
@@ -36,37 +34,6 @@ def oracle_error(case: Case, model: nn.Module, batch, mode: str) -> float:
     got = dp_update(model, batch, case, mode, C, "mean")
     diff = [got[n].double() - expected[n] for n in expected]
     return total_norm(diff) / total_norm(expected.values())
-
-
-def time_steps(case: Case, model: nn.Module, batch, mode: str, steps: int, device: torch.device):
-    """Median seconds per step and the peak bytes one step adds (mode "nondp": plain training)."""
-    model = copy.deepcopy(model).to(device)
-    batch = tuple(t.to(device) for t in batch)
-    *xs, y = batch
-    if mode == "nondp":
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-        criterion, net = case.criterion(), model
-    else:
-        net, optimizer, criterion, _ = make_private(model, batch, case, mode, 1.0, "mean", noise=1.0)
-
-    def step():
-        criterion(case.logits_of(net(*xs)), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    with peak_memory(device) as mem:
-        step()
-    return statistics.median(times), mem["peak_bytes"]
 
 
 def main(argv=None) -> int:
@@ -88,11 +55,12 @@ def main(argv=None) -> int:
     batch = case.batch(args.batch)
     device = torch.device(args.device)
     print(f"GPT-style model: d={args.d}, layers={args.layers}, vocab={args.vocab}, B={args.batch}, T={args.seq}, device={device}")
-    base_time, base_mem = time_steps(case, model, batch, "nondp", args.steps, device)
+    workload = Workload("gpt", case, args.batch, args.seq)
+    base_time, base_mem = median_step_time_and_peak(Trainer(workload, "nondp", device), args.steps)
     print(f"{'mode':10} {'error vs fp64 oracle':>21} {'ms/step':>9} {'x nondp':>8} {'peak MB':>9} {'x nondp':>8}")
     print(f"{'nondp':10} {'-':>21} {base_time * 1e3:9.1f} {1.0:8.2f} {base_mem / 2**20:9.2f} {1.0:8.2f}")
     for mode in sorted(MODES):
         error = oracle_error(case, model, batch, mode)
-        t, mem = time_steps(case, model, batch, mode, args.steps, device)
+        t, mem = median_step_time_and_peak(Trainer(workload, mode, device), args.steps)
         print(f"{mode:10} {error:21.2e} {t * 1e3:9.1f} {t / base_time:8.2f} {mem / 2**20:9.2f} {mem / max(base_mem, 1):8.2f}")
     return 0

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..profiling.report import write_atomic
 from . import flash_linear_norm_sq, flash_weight_norm_sq
 from .heuristics import GramConfig, PsgConfig, cdiv, choose_kernel
 
@@ -219,14 +220,6 @@ def tune(dtype: torch.dtype) -> List[dict]:
     return rows
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dpkernels.kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for flash_norm.json and flash_norm.md")
@@ -241,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.tune:
         rows = [row for name in args.dtypes for row in tune(getattr(torch, name))]
-        write_atomic(os.path.join(args.out, "tune.json"), json.dumps(rows, indent=1))
+        write_atomic(Path(args.out) / "tune.json", json.dumps(rows, indent=1))
         for r in rows:
             print(r["kernel"], r["dtype"], r["shape"], r["config"], f"{r['ms']:.3f} ms", f"bmm {r.get('bmm_ms', float('nan')):.3f}")
         return
@@ -252,8 +245,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         for B, T, d, p in sweep(dtype):
             result["cases"].append(run_case(B, T, d, p, dtype, result["ceilings"]))
             torch.cuda.empty_cache()
-    write_atomic(os.path.join(args.out, "flash_norm.json"), json.dumps(result, indent=1))
-    write_atomic(os.path.join(args.out, "flash_norm.md"), markdown(result))
+    write_atomic(Path(args.out) / "flash_norm.json", json.dumps(result, indent=1))
+    write_atomic(Path(args.out) / "flash_norm.md", markdown(result))
 
 
 if __name__ == "__main__":

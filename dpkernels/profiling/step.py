@@ -7,7 +7,8 @@ every dpkernels mode (``dpkernels.MODES``).  A step is forward, backward, optimi
 from __future__ import annotations
 
 import contextlib
-import copy
+import statistics
+import time
 import warnings
 from typing import Optional
 
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..engine import PrivacyEngine
 from ..modes import MODES
 from ..models.workloads import Workload
+from .environment import synchronize
+from .memory import peak_memory
 
 STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + tuple(sorted(MODES))
 
@@ -98,3 +101,19 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def median_step_time_and_peak(trainer: Trainer, steps: int) -> tuple:
+    """(median seconds of ``steps`` synchronised steps after one warm-up, bytes one more step adds at
+    its peak: CUDA allocator on GPU, live-tensor tracker on CPU)."""
+    trainer.step()
+    times = []
+    for _ in range(steps):
+        synchronize()
+        start = time.perf_counter()
+        trainer.step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    with peak_memory(trainer.device) as mem:
+        trainer.step()
+    return statistics.median(times), mem["peak_bytes"]

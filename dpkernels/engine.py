@@ -3,7 +3,8 @@
 Every Opacus ``grad_sample_mode`` still goes to Opacus.  For a dpkernels mode (see ``dpkernels.modes``)
 ``make_private`` returns ``(model, optimizer, criterion, data_loader)`` like Opacus's ghost mode:
 the model is a :class:`DPClippingModule`, the optimizer Opacus's ``DPOptimizerFastGradientClipping``
-(noise, scaling, accountant hook, ``secure_mode`` and ``noise_generator`` unchanged), and the criterion
+with its per-parameter loops batched (:class:`dpkernels.optimizer.DPOptimizer`: noise, scaling,
+accountant hook, ``secure_mode`` and ``noise_generator`` unchanged), and the criterion
 a :class:`DPCriterion` whose ``backward()`` runs the mode's clipping.
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .clipping import DPClippingModule, DPCriterion, bookkeeping_backward, ghost_backward
 from .modes import MODES, get_mode
+from .optimizer import DPOptimizer
 
 
 class PrivacyEngine(opacus.PrivacyEngine):
@@ -38,16 +40,20 @@ class PrivacyEngine(opacus.PrivacyEngine):
             linear_norm=mode.linear_norm,
         )
 
-    def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", clipping: str = "flat", distributed: bool = False, **kwargs):
-        if grad_sample_mode in MODES:
-            if clipping != "flat" or distributed:
-                raise ValueError(
-                    f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on one process; "
-                    f"got clipping={clipping!r}, distributed={distributed}"
-                )
-            # Opacus's fast-gradient-clipping optimizer: it only adds noise and scales.
-            grad_sample_mode = "ghost"
-        return super()._prepare_optimizer(grad_sample_mode=grad_sample_mode, clipping=clipping, distributed=distributed, **kwargs)
+    def _prepare_optimizer(self, *, optimizer, grad_sample_mode: str = "hooks", clipping: str = "flat", distributed: bool = False, noise_generator=None, **kwargs):
+        if grad_sample_mode not in MODES:
+            return super()._prepare_optimizer(
+                optimizer=optimizer, grad_sample_mode=grad_sample_mode, clipping=clipping, distributed=distributed, noise_generator=noise_generator, **kwargs
+            )
+        if clipping != "flat" or distributed:
+            raise ValueError(
+                f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on one process; "
+                f"got clipping={clipping!r}, distributed={distributed}"
+            )
+        if isinstance(optimizer, opacus.optimizers.DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        generator = self.secure_rng if self.secure_mode else noise_generator
+        return DPOptimizer(optimizer=optimizer, generator=generator, secure_mode=self.secure_mode, **kwargs)
 
     def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
         if not isinstance(module, DPClippingModule):

@@ -248,11 +248,14 @@ def test_criterion_is_restored_and_must_give_per_sample_losses():
 @pytest.mark.parametrize("mode", MODE_NAMES)
 def test_noise_comes_from_opacus_generator(mode, monkeypatch):
     """Same seeded generator -> identical noisy updates; the noise goes through Opacus's _generate_noise."""
-    import opacus.optimizers.optimizer_fast_gradient_clipping as fgc
+    import opacus.optimizers.optimizer as opacus_optimizer
 
+    import dpkernels.optimizer as ours
+
+    assert ours._generate_noise is opacus_optimizer._generate_noise
     calls = []
-    real = fgc._generate_noise
-    monkeypatch.setattr(fgc, "_generate_noise", lambda **kw: calls.append(kw) or real(**kw))
+    real = ours._generate_noise
+    monkeypatch.setattr(ours, "_generate_noise", lambda **kw: calls.append(kw) or real(**kw))
     updates = []
     for _ in range(2):
         model = MLP()
@@ -372,3 +375,29 @@ def test_wrapped_linear_survives_deepcopy_and_unwrapping():
     assert not torch.equal(twin(x), model(x)), "the copy computes with its own weights"
     plain = dp_model.to_standard_module()
     assert "forward" not in plain.fc1.__dict__ and torch.equal(plain(x), MLP.forward(plain, x))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("skipped", [0, 2], ids=["every-step", "two-skipped-steps"])
+def test_optimizer_matches_opacus_bit_for_bit(reduction, skipped):
+    """dpkernels.optimizer.DPOptimizer batches Opacus's loops without changing a bit of the result,
+    also when steps are skipped (BatchMemoryManager) and gradients pile up in summed_grad."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from dpkernels.optimizer import DPOptimizer
+
+    results = []
+    for cls in (DPOptimizer, DPOptimizerFastGradientClipping):
+        torch.manual_seed(0)
+        model = MLP()
+        optimizer = cls(torch.optim.SGD(model.parameters(), lr=0.5), noise_multiplier=1.3, max_grad_norm=0.7,
+                        expected_batch_size=4, loss_reduction=reduction, generator=torch.Generator().manual_seed(9))
+        for _ in range(2):
+            for micro in range(skipped + 1):
+                for p in model.parameters():
+                    p.grad = torch.randn_like(p)
+                optimizer.signal_skip_step(do_skip=micro < skipped)
+                optimizer.step()
+                optimizer.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

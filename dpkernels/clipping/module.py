@@ -237,8 +237,9 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def add_clipped_grads(self, coef: torch.Tensor) -> None:
         """Bookkeeping: p.grad += sum_i c_i g_i for every kept layer (uses, then drops, the views)."""
         kept, self._kept[:] = list(self._kept), []
+        scaled = {scale: coef * scale for scale in {scale for _, scale in kept}}
         for view, scale in kept:
-            for p, g in view.clipped_grad(coef * scale).items():
+            for p, g in view.clipped_grad(scaled[scale]).items():
                 g = g.to(p.dtype)
                 p.grad = g if p.grad is None else p.grad + g
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .conv import ConvSamples
 from .embedding import EmbeddingSamples
-from .linear import LinearSamples, accumulation_dtype
+from .linear import LinearSamples, accumulation_dtype, clipped_sum, sum_sq
 from .norms import NormLayerSamples
 
 FAMILIES = {
@@ -45,10 +45,10 @@ class MaterialisedSamples:
         self.grads = {p: g for p, g in grads.items() if p.requires_grad}
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: g.to(accumulation_dtype(g)).flatten(1).pow(2).sum(1) for p, g in self.grads.items()}
+        return {p: sum_sq(g) for p, g in self.grads.items()}
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: torch.einsum("b...,b->...", g.to(accumulation_dtype(g)), coef.to(accumulation_dtype(g))) for p, g in self.grads.items()}
+        return {p: clipped_sum(g.to(accumulation_dtype(g)), coef) for p, g in self.grads.items()}
 
 
 def rule_for(module: nn.Module) -> Optional[type]:

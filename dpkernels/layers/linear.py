@@ -83,9 +83,14 @@ def weight_norm_sq_direct(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return sum_sq(per_sample_weight_grads(A, G))
 
 
+def bias_grads(G: torch.Tensor) -> torch.Tensor:
+    """Per-sample bias gradients b_i = sum_t g_{i,t} in the accumulation dtype.  G: [B, T, p] -> [B, p]."""
+    return G.sum(dim=1, dtype=accumulation_dtype(G))
+
+
 def bias_norm_sq(G: torch.Tensor) -> torch.Tensor:
     """||sum_t g_t||^2 per sample (the sum over t comes before the square).  G: [B, T, p] -> [B]."""
-    return sum_sq(G.sum(dim=1, dtype=accumulation_dtype(G)))
+    return sum_sq(bias_grads(G))
 
 
 def weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> torch.Tensor:
@@ -114,8 +119,12 @@ def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, coef: torch.Tensor) ->
 
 def clipped_bias_grad(G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """sum_i coef_i sum_t g_{i,t}.  G: [B, T, p] -> [p]."""
-    dt = accumulation_dtype(G)
-    return torch.einsum("bp,b->p", G.sum(dim=1, dtype=dt), coef.to(dt))
+    return clipped_sum(bias_grads(G), coef)
+
+
+def clipped_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i coef_i x_i.  per_sample: [B, ...] -> [...] (in per_sample's dtype)."""
+    return torch.einsum("b...,b->...", per_sample, coef.to(per_sample.dtype))
 
 
 class LinearSamples:
@@ -133,38 +142,36 @@ class LinearSamples:
         G = as_sequence(G, module.out_features, "nn.Linear output gradient")
         self.A, self.G = common_dtype(A, G)
         self.method = method
+        with_bias = module.bias is not None and module.bias.requires_grad
+        self.b = bias_grads(self.G) if with_bias else None  # [B, p], small
         self.W = None
         B, T, d = self.A.shape
         if keep and module.weight.requires_grad and choose_method(B, T, d, G.shape[-1]) == "direct":
             self.W = per_sample_weight_grads(self.A, self.G)
-            self.A = None  # only G's row sums (the bias) are still needed
+            self.A = self.G = None  # W and b are all that is still needed
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
         weight, bias = self.module.weight, self.module.bias
-        with_bias = bias is not None and bias.requires_grad
+        out = {bias: sum_sq(self.b)} if self.b is not None else {}
+        if not weight.requires_grad:
+            return out
         if self.W is not None:
-            return {weight: sum_sq(self.W), **({bias: bias_norm_sq(self.G)} if with_bias else {})}
-        if self.method == "flash" and weight.requires_grad:
-            from ..kernels import flash_linear_norm_sq  # imported late: Triton is optional
+            out[weight] = sum_sq(self.W)
+        elif self.method == "flash":
+            from ..kernels import flash_weight_norm_sq  # imported late: Triton is optional
 
-            w_sq, b_sq = flash_linear_norm_sq(self.A, self.G, with_bias)
-            return {weight: w_sq, **({bias: b_sq} if with_bias else {})}
-        out = {}
-        if weight.requires_grad:
+            out[weight] = flash_weight_norm_sq(self.A, self.G)
+        else:
             out[weight] = weight_norm_sq(self.A, self.G, self.method)
-        if with_bias:
-            out[bias] = bias_norm_sq(self.G)
         return out
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
         weight, bias = self.module.weight, self.module.bias
-        out = {}
+        out = {bias: clipped_sum(self.b, coef)} if self.b is not None else {}
         if self.W is not None:
-            out[weight] = torch.einsum("bpd,b->pd", self.W, coef.to(self.W.dtype))
+            out[weight] = clipped_sum(self.W, coef)
         elif weight.requires_grad:
             out[weight] = clipped_weight_grad(self.A, self.G, coef)
-        if bias is not None and bias.requires_grad:
-            out[bias] = clipped_bias_grad(self.G, coef)
         return out
 
 

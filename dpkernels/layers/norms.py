@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import accumulation_dtype
+from .linear import accumulation_dtype, clipped_sum, sum_sq
 
 
 def normalized_shape_of(module: nn.Module) -> tuple:
@@ -100,7 +100,7 @@ class NormLayerSamples:
             self.grads[module.bias] = rows.sum(dim=1).reshape(B, *module.bias.shape)
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: g.flatten(1).pow(2).sum(dim=1) for p, g in self.grads.items()}
+        return {p: sum_sq(g) for p, g in self.grads.items()}
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: torch.einsum("b...,b->...", g, coef.to(g.dtype)) for p, g in self.grads.items()}
+        return {p: clipped_sum(g, coef) for p, g in self.grads.items()}

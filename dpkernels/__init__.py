@@ -6,8 +6,8 @@
 
 from . import reference
 from .engine import PrivacyEngine
-from .modes import MODES
+from .modes import MODES, SINGLE_PROCESS_MODES
 
 __version__ = "0.1.0"
 
-__all__ = ["PrivacyEngine", "MODES", "reference", "__version__"]
+__all__ = ["PrivacyEngine", "MODES", "SINGLE_PROCESS_MODES", "reference", "__version__"]

@@ -11,7 +11,7 @@ import argparse
 import torch
 from torch import nn
 
-from . import MODES
+from . import SINGLE_PROCESS_MODES
 from .models import GPT, GPTConfig
 from .models.workloads import Workload
 from .profiling.step import Trainer, median_step_time_and_peak
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     base_time, base_mem = median_step_time_and_peak(Trainer(workload, "nondp", device), args.steps)
     print(f"{'mode':10} {'error vs fp64 oracle':>21} {'ms/step':>9} {'x nondp':>8} {'peak MB':>9} {'x nondp':>8}")
     print(f"{'nondp':10} {'-':>21} {base_time * 1e3:9.1f} {1.0:8.2f} {base_mem / 2**20:9.2f} {1.0:8.2f}")
-    for mode in sorted(MODES):
+    for mode in SINGLE_PROCESS_MODES:
         error = oracle_error(case, model, batch, mode)
         t, mem = median_step_time_and_peak(Trainer(workload, mode, device), args.steps)
         print(f"{mode:10} {error:21.2e} {t * 1e3:9.1f} {t / base_time:8.2f} {mem / 2**20:9.2f} {mem / max(base_mem, 1):8.2f}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import opacus
 from opacus.grad_sample import AbstractGradSampleModule
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from .clipping import DPClippingModule, DPCriterion, bookkeeping_backward, ghost_backward
 from .modes import MODES, get_mode
@@ -31,6 +32,11 @@ class PrivacyEngine(opacus.PrivacyEngine):
         self.validate(module=module, optimizer=None, data_loader=None)
         if isinstance(module, AbstractGradSampleModule):
             raise ValueError("pass the plain nn.Module to make_private, not an already wrapped one")
+        if mode.fsdp != isinstance(module, FSDPModule):
+            raise ValueError(
+                f"grad_sample_mode={mode.name!r} needs "
+                + ("a model sharded with torch.distributed.fsdp.fully_shard" if mode.fsdp else "a model not sharded with FSDP2 (use the *_fsdp modes)")
+            )
         return DPClippingModule(
             module,
             batch_first=kwargs.get("batch_first", True),
@@ -45,10 +51,17 @@ class PrivacyEngine(opacus.PrivacyEngine):
             return super()._prepare_optimizer(
                 optimizer=optimizer, grad_sample_mode=grad_sample_mode, clipping=clipping, distributed=distributed, noise_generator=noise_generator, **kwargs
             )
-        if clipping != "flat" or distributed:
+        mode = get_mode(grad_sample_mode)
+        if clipping != "flat" or distributed != mode.fsdp:
+            where = "an FSDP2 (fully_shard) model" if mode.fsdp else "one process"
             raise ValueError(
-                f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on one process; "
+                f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on {where}; "
                 f"got clipping={clipping!r}, distributed={distributed}"
+            )
+        if mode.fsdp:
+            # Opacus's FSDP optimizer: noise once per coordinate (each rank noises its own shard)
+            return super()._prepare_optimizer(
+                optimizer=optimizer, grad_sample_mode="ghost_fsdp", clipping=clipping, distributed=True, noise_generator=noise_generator, **kwargs
             )
         if isinstance(optimizer, opacus.optimizers.DPOptimizer):
             optimizer = optimizer.original_optimizer

@@ -13,12 +13,16 @@ class Mode:
                   1 = bookkeeping (sum_i c_i g_i assembled from cached layer inputs and output grads)
     linear_norm:  how Linear per-sample norms are computed: "auto" (PyTorch, ghost or direct by cost)
                   or "flash" (Triton kernels)
+    fsdp:         for models sharded with FSDP2's ``fully_shard``: each rank clips its own samples with
+                  norms from its own activations (never summed across ranks); FSDP reduces the
+                  clipped gradients and Opacus's FSDP optimizer adds the noise once
     """
 
     name: str
     passes: int
     linear_norm: str
     description: str
+    fsdp: bool = False
 
 
 MODES = {
@@ -28,8 +32,14 @@ MODES = {
         Mode("bk", 1, "auto", "bookkeeping: one backward pass, clipped gradients from cached (A, G)"),
         Mode("flash", 2, "flash", "ghost with fused Triton norm kernels for Linear layers"),
         Mode("flash_bk", 1, "flash", "bookkeeping with fused Triton norm kernels for Linear layers"),
+        Mode("ghost_fsdp", 2, "auto", "ghost on an FSDP2-sharded model", fsdp=True),
+        Mode("flash_fsdp", 2, "flash", "flash on an FSDP2-sharded model", fsdp=True),
     )
 }
+
+
+# The modes of one process (the *_fsdp modes need an FSDP2-sharded model and a process group).
+SINGLE_PROCESS_MODES = tuple(sorted(name for name, mode in MODES.items() if not mode.fsdp))
 
 
 def get_mode(name: str) -> Mode:

@@ -11,13 +11,13 @@ import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
-from dpkernels import MODES, PrivacyEngine
+from dpkernels import MODES, SINGLE_PROCESS_MODES, PrivacyEngine
 from dpkernels.clipping import DPClippingModule, DPCriterion
 from dpkernels.errors import CriterionError, LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from dpkernels.models import MLP
 from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update
 
-MODE_NAMES = sorted(MODES)
+MODE_NAMES = SINGLE_PROCESS_MODES
 MLP_CASE = Case("mlp", MLP, lambda B: (torch.randn(B, 12), torch.randint(0, 5, (B,))))
 
 

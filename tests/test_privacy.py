@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from dpkernels import MODES, reference
+from dpkernels import SINGLE_PROCESS_MODES, reference
 from dpkernels.models import GPT, ConvNet, GPTConfig
 from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update, sample_loss_fn, total_norm
 
-MODE_NAMES = sorted(MODES)
+MODE_NAMES = SINGLE_PROCESS_MODES
 GPT_CFG = GPTConfig(vocab=31, d=16, layers=1, heads=2, max_len=40)
 
 

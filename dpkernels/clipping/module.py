@@ -24,7 +24,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
-from ..layers import rule_for, samples_of
+from ..layers import layer_type, rule_for, samples_of
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from ..reference import clip_coefficients
 
@@ -40,7 +40,7 @@ def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def check_supported(model: nn.Module) -> None:
     """Raise one error listing every trainable module that has no per-sample rule."""
-    bad = [f"{name or '<root>'} ({type(m).__module__}.{type(m).__name__})" for name, m in trainable_layers(model) if rule_for(m) is None]
+    bad = [f"{name or '<root>'} ({layer_type(m).__module__}.{layer_type(m).__name__})" for name, m in trainable_layers(model) if rule_for(m) is None]
     if bad:
         raise UnsupportedModuleError(
             "these modules own trainable parameters but have no per-sample gradient rule: "
@@ -127,14 +127,14 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             self._layer_names[layer] = name or "<root>"
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self.capture_activations_hook))
             self.autograd_grad_sample_hooks.append(layer.register_full_backward_hook(self.capture_backprops_hook))
-            if type(layer) is nn.Linear:
+            if layer_type(layer) is nn.Linear:
                 install_weight_grad_skipping(layer, self)
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
         for layer in self._layer_names:
-            if type(layer) is nn.Linear:
+            if layer_type(layer) is nn.Linear:
                 uninstall_weight_grad_skipping(layer)
 
     def wants_weight_grads(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Dict, Optional
 import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from .conv import ConvSamples
 from .embedding import EmbeddingSamples
@@ -51,9 +52,18 @@ class MaterialisedSamples:
         return {p: clipped_sum(g.to(accumulation_dtype(g)), coef) for p, g in self.grads.items()}
 
 
+def layer_type(module: nn.Module) -> type:
+    """The module's own type.  FSDP2's ``fully_shard`` swaps a module's class for a subclass
+    ``FSDP<Name>(FSDPModule, <Name>)``; the rules are looked up by ``<Name>``."""
+    kind = type(module)
+    if isinstance(module, FSDPModule):
+        return next(base for base in kind.__bases__ if not issubclass(base, FSDPModule))
+    return kind
+
+
 def rule_for(module: nn.Module) -> Optional[type]:
     """The per-sample class for this module's exact type, or None if the type is unsupported."""
-    kind = type(module)
+    kind = layer_type(module)
     if kind in FAMILIES:
         return FAMILIES[kind]
     if f"{kind.__module__}.{kind.__qualname__}" in HF_RMSNORMS:

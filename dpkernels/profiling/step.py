@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..engine import PrivacyEngine
-from ..modes import MODES
+from ..modes import MODES, SINGLE_PROCESS_MODES
 from ..models.workloads import Workload
 from .environment import synchronize
 from .memory import peak_memory
 
-STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + tuple(sorted(MODES))
+STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + SINGLE_PROCESS_MODES
 
 
 class PerSampleLoss(nn.Module):

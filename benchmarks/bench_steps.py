@@ -14,6 +14,7 @@ import gc
 import pytest
 import torch
 
+from dpkernels import SINGLE_PROCESS_MODES
 from dpkernels.models.workloads import step_workloads
 from dpkernels.profiling import default_device
 from dpkernels.profiling.step import STEP_MODES, Trainer, median_step_time_and_peak
@@ -21,6 +22,9 @@ from dpkernels.profiling.step import STEP_MODES, Trainer, median_step_time_and_p
 WORKLOADS = step_workloads(small=not torch.cuda.is_available())
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 OPACUS_MODES = ("opacus_hooks", "opacus_ghost")
+# A clip norm small enough to bind for every sample of every workload: a benchmark that never clips
+# would not show that clipping happened (the step's cost does not depend on it).
+CLIP = 1e-3
 # GPU memory (GiB) a workload needs in fp32 non-private training, where it exceeds an 80 GB card.
 NEEDS_GIB = {"llama-T16384-B2": 110}
 
@@ -86,9 +90,13 @@ def test_step(benchmark, measure, nondp_reference, workload, mode, precision):
     base_time, base_peak = nondp_reference(workload, precision)
     start = allocated_after_release()
     try:
-        trainer = Trainer(workload, mode, default_device(), PRECISIONS[precision])
+        trainer = Trainer(workload, mode, default_device(), PRECISIONS[precision], max_grad_norm=CLIP)
         seconds, peak = measure(trainer.step, rounds=rounds_for(workload, mode), workload=workload.name, mode=mode, precision=precision, B=workload.B, T=workload.T)
         total = setup_peak(start, peak)
+        if mode in SINGLE_PROCESS_MODES:
+            # a benchmark that never clips measures nothing: the clip norm must bind
+            norms = trainer.model.per_sample_gradient_norms
+            assert bool((norms > trainer.model.max_grad_norm).any()), f"{workload.name}/{mode}: no sample was clipped"
     except torch.cuda.OutOfMemoryError:
         if mode in OPACUS_MODES:
             pytest.skip(f"Opacus {mode} ran out of GPU memory on {workload.name}")

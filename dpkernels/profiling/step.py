@@ -47,16 +47,20 @@ class PerSampleLoss(nn.Module):
 
 
 class Trainer:
-    """``Trainer(workload, mode, device).step()`` runs one training step (noise 1.0, clip 1.0, SGD).
+    """``Trainer(workload, mode, device).step()`` runs one training step (noise 1.0, SGD).
 
     amp_dtype: run forward and loss under ``torch.autocast(device, amp_dtype)`` (e.g. torch.bfloat16).
+    max_grad_norm: the clip norm C (the cost of a step does not depend on how many samples it clips).
     """
 
-    def __init__(self, workload: Workload, mode: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None, seed: int = 0):
+    def __init__(
+        self, workload: Workload, mode: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None, seed: int = 0, max_grad_norm: float = 1.0
+    ):
         if mode not in STEP_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {STEP_MODES}")
         torch.manual_seed(seed)
         self.workload, self.mode, self.device, self.amp_dtype = workload, mode, device, amp_dtype
+        self.max_grad_norm = max_grad_norm
         case = workload.case
         self.batch = tuple(t.to(device) for t in case.batch(workload.B))
         with torch.device(device):  # build on the device: no slow CPU init of large models
@@ -79,7 +83,7 @@ class Trainer:
             data_loader=loader,
             criterion=criterion,
             noise_multiplier=1.0,
-            max_grad_norm=1.0,
+            max_grad_norm=self.max_grad_norm,
             grad_sample_mode=grad_sample_mode,
             poisson_sampling=False,
         )

@@ -44,6 +44,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
             max_grad_norm=kwargs.get("max_grad_norm", 1.0),
             keep_samples=mode.passes == 1,
             linear_norm=mode.linear_norm,
+            sharded=mode.fsdp,
         )
 
     def _prepare_optimizer(self, *, optimizer, grad_sample_mode: str = "hooks", clipping: str = "flat", distributed: bool = False, noise_generator=None, **kwargs):

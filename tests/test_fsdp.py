@@ -57,7 +57,8 @@ def rank_step(rank: int, port: int, mode: str, state: dict, batch, clip: float, 
         model.load_state_dict(state)
         model = shard(model)
         ids, targets = batch
-        loader = DataLoader(TensorDataset(ids, targets), batch_size=B)  # the global dataset: B / WORLD per rank
+        n = ids.shape[0]
+        loader = DataLoader(TensorDataset(ids, targets), batch_size=n)  # the global dataset: n / WORLD per rank
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp_model, optimizer, criterion, _ = PrivacyEngine().make_private(
@@ -65,7 +66,7 @@ def rank_step(rank: int, port: int, mode: str, state: dict, batch, clip: float, 
                 criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=0.0, max_grad_norm=clip,
                 grad_sample_mode=mode, poisson_sampling=False,
             )
-        mine = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        mine = slice(rank * n // WORLD, (rank + 1) * n // WORLD)
         criterion(CASE.logits_of(dp_model(ids[mine])), targets[mine]).backward()
         optimizer.step()
         full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
@@ -83,13 +84,15 @@ def run_ranks(mode, state, batch, clip) -> dict:
     return dict(out)
 
 
+@pytest.mark.parametrize("global_batch", [B, WORLD], ids=["3-per-rank", "1-per-rank"])
 @pytest.mark.parametrize("mode", FSDP_MODES)
-def test_fsdp_step_equals_single_process(mode):
+def test_fsdp_step_equals_single_process(mode, global_batch):
+    """1 sample per rank is not a batch of one: the single-sample shortcut must not apply."""
     torch.manual_seed(0)
     model = LlamaLM(SPEC)
-    batch = CASE.batch(B)
+    batch = CASE.batch(global_batch)
     clip, _, norms = oracle_update(model, batch, CASE, "mean")
-    assert 0 < int((norms > clip).sum()) < B, "the clip norm binds for some samples only"
+    assert 0 < int((norms > clip).sum()) < global_batch, "the clip norm binds for some samples only"
     single_mode = mode.removesuffix("_fsdp")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     expected = dp_update(model, batch, CASE, single_mode, clip, "mean")

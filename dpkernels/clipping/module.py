@@ -75,6 +75,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     ``get_norm_sample``, ``get_clipping_coef``, ``param._norm_sample``), plus:
       keep_samples:  keep every layer's per-sample view for bookkeeping (one backward pass)
       linear_norm:   "auto" (PyTorch ghost/direct by cost), "ghost", "direct" or "flash"
+      sharded:       the model is sharded with FSDP2 (gradients are reduced across ranks)
     """
 
     def __init__(
@@ -89,12 +90,13 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         use_ghost_clipping: bool = True,
         keep_samples: bool = False,
         linear_norm: str = "auto",
+        sharded: bool = False,
     ):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         check_supported(m)
         check_untied(m)
-        self._init_step_state(keep_samples, linear_norm)
+        self._init_step_state(keep_samples, linear_norm, sharded)
         super().__init__(
             m,
             batch_first=batch_first,
@@ -105,10 +107,13 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             use_ghost_clipping=use_ghost_clipping,
         )
 
-    def _init_step_state(self, keep_samples: bool, linear_norm: str) -> None:
+    def _init_step_state(self, keep_samples: bool, linear_norm: str, sharded: bool) -> None:
         # set before nn.Module.__init__ runs inside super().__init__, so stored via object.__setattr__
         object.__setattr__(self, "keep_samples", keep_samples)
         object.__setattr__(self, "linear_norm", linear_norm)
+        # under FSDP the ordinary gradient is reduced across ranks, so one local sample is not the
+        # batch: the single-sample shortcut (clipping/single.py) applies on one process only
+        object.__setattr__(self, "sharded", sharded)
         object.__setattr__(self, "_inputs", {})
         object.__setattr__(self, "_param_norm_sq", [])  # (layer name, param, per-sample squared norm [B])
         object.__setattr__(self, "_scale", 1)
@@ -149,7 +154,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def capture_activations_hook(self, module: nn.Module, forward_input, _forward_output) -> None:
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
             return
-        if forward_input[0].shape[0 if self.batch_first else 1] == 1:
+        if not self.sharded and forward_input[0].shape[0 if self.batch_first else 1] == 1:
             # one sample: its gradient is the ordinary gradient (clipping/single.py); cache nothing
             self.single_sample_step = True
             return

@@ -34,6 +34,8 @@ MODES = {
         Mode("flash_bk", 1, "flash", "bookkeeping with fused Triton norm kernels for Linear layers"),
         Mode("ghost_fsdp", 2, "auto", "ghost on an FSDP2-sharded model", fsdp=True),
         Mode("flash_fsdp", 2, "flash", "flash on an FSDP2-sharded model", fsdp=True),
+        Mode("bk_fsdp", 1, "auto", "bookkeeping on an FSDP2-sharded model", fsdp=True),
+        Mode("flash_bk_fsdp", 1, "flash", "flash_bk on an FSDP2-sharded model", fsdp=True),
     )
 }
 

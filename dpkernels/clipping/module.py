@@ -22,6 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from ..layers import layer_type, rule_for, samples_of
@@ -66,6 +67,18 @@ def check_untied(model: nn.Module) -> None:
             "of a shared parameter need the sum of its gradients from every use; untie them "
             "(copy the weight) or freeze them."
         )
+
+
+def mean_over_ranks_into_shards(g: torch.Tensor, p: DTensor) -> DTensor:
+    """This rank's full-size clipped sum -> the mean over ranks, sharded like ``p`` (FSDP2's reduction).
+
+    On NCCL one reduce-scatter; gloo has none, so an all-reduce then the local shard.
+    """
+    mesh = p.device_mesh
+    partial = DTensor.from_local(g / mesh.size(), mesh, [Partial()] * mesh.ndim, run_check=False)
+    if torch.distributed.get_backend(mesh.get_group()) == "gloo":
+        partial = partial.redistribute(mesh, [Replicate()] * mesh.ndim)
+    return partial.redistribute(mesh, p.placements)
 
 
 class DPClippingModule(GradSampleModuleFastGradientClipping):
@@ -246,6 +259,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         for view, scale in kept:
             for p, g in view.clipped_grad(scaled[scale]).items():
                 g = g.to(p.dtype)
+                if isinstance(p, DTensor):
+                    g = mean_over_ranks_into_shards(g, p)
                 p.grad = g if p.grad is None else p.grad + g
 
     def fill_missing_grads(self) -> None:

@@ -9,7 +9,7 @@ The clipping algorithms (ghost, bookkeeping) only orchestrate these two calls.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -18,7 +18,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from .conv import ConvSamples
 from .embedding import EmbeddingSamples
-from .linear import LinearSamples, accumulation_dtype, clipped_sum, sum_sq
+from .linear import LinearSamples
+from .materialised import MaterialisedGrads
 from .norms import NormLayerSamples
 
 FAMILIES = {
@@ -37,19 +38,14 @@ FAMILIES = {
 HF_RMSNORMS = {"transformers.models.llama.modeling_llama.LlamaRMSNorm"}
 
 
-class MaterialisedSamples:
+class MaterialisedSamples(MaterialisedGrads):
     """Fallback for other layer types: Opacus's registered grad sampler materialises [B, *shape]."""
 
     def __init__(self, module: nn.Module, inputs, G: torch.Tensor):
-        sampler = GradSampleModule.GRAD_SAMPLERS[type(module)]
+        sampler = GradSampleModule.GRAD_SAMPLERS[layer_type(module)]
+        names = {id(p): n for n, p in module.named_parameters(recurse=False)}
         grads = sampler(module, list(inputs), G)
-        self.grads = {p: g for p, g in grads.items() if p.requires_grad}
-
-    def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: sum_sq(g) for p, g in self.grads.items()}
-
-    def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: clipped_sum(g.to(accumulation_dtype(g)), coef) for p, g in self.grads.items()}
+        super().__init__(module, {names[id(p)]: g for p, g in grads.items() if p.requires_grad})
 
 
 def layer_type(module: nn.Module) -> type:

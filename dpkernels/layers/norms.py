@@ -15,14 +15,14 @@ GroupNorm x: [B, C, *spatial] -> N = prod(spatial), P = C.
 from __future__ import annotations
 
 import math
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import accumulation_dtype, clipped_sum, sum_sq
+from .linear import accumulation_dtype
+from .materialised import MaterialisedGrads
 
 
 def normalized_shape_of(module: nn.Module) -> tuple:
@@ -83,7 +83,7 @@ def as_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(B, math.prod(t.shape[1:]) // P, P)
 
 
-class NormLayerSamples:
+class NormLayerSamples(MaterialisedGrads):
     """The per-sample gradients of one LayerNorm / RMSNorm / GroupNorm call, materialised ([B, *param.shape])."""
 
     def __init__(self, module: nn.Module, inputs, G: torch.Tensor):
@@ -92,15 +92,10 @@ class NormLayerSamples:
         dt = accumulation_dtype(x, G)
         B = x.shape[0]
         rows = as_rows(module, G.to(dt))
-        self.grads = {}
+        grads = {}
         if module.weight is not None and module.weight.requires_grad:
             x_hat = as_rows(module, normalised_input(module, x, dt))
-            self.grads[module.weight] = (rows * x_hat).sum(dim=1).reshape(B, *module.weight.shape)
+            grads["weight"] = (rows * x_hat).sum(dim=1).reshape(B, *module.weight.shape)
         if getattr(module, "bias", None) is not None and module.bias.requires_grad:
-            self.grads[module.bias] = rows.sum(dim=1).reshape(B, *module.bias.shape)
-
-    def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: sum_sq(g) for p, g in self.grads.items()}
-
-    def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        return {p: clipped_sum(g, coef) for p, g in self.grads.items()}
+            grads["bias"] = rows.sum(dim=1).reshape(B, *module.bias.shape)
+        super().__init__(module, grads)

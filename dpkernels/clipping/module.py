@@ -5,14 +5,16 @@ One DP step, as data:
     forward    forward hooks keep each trainable layer's inputs A              [all modes]
     backward   backward hooks see each layer's output gradient G:
                  view = samples_of(layer, A, G)   (dpkernels.layers)
-                 norm_sq[layer] = view.norm_sq()  (summed over the layer's params)
+                 record view.norm_sq()            (per parameter, [B] each)
                  bookkeeping modes keep the view; ghost modes drop it
-    then       c_i = min(1, C / (||g_i|| + 1e-6))  with ||g_i||^2 = sum over layers of norm_sq
+    then       ||g_i||^2 = sum over parameters (a few batched ops), c_i = min(1, C / (||g_i|| + 1e-6))
                ghost: a second backward of sum_i c_i loss_i        (clipping/ghost.py)
                bk:    p.grad += view.clipped_grad(c) per layer      (clipping/bookkeeping.py)
-    optimizer  Opacus: noise, division by the expected batch size, accountant
+    optimizer  Opacus's (batched loops): noise, division by the expected batch size, accountant
 
 Under ``loss_reduction="mean"`` the hooks see G / B, so norms are scaled by B^2 and coefficients by B.
+One sample (B = 1, one process): no caching, an ordinary backward and one global norm (single.py).
+FSDP2 (``sharded``): each rank clips its own samples; bookkeeping's sums are averaged into the shards.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from torch import nn
 
 from dpkernels.errors import LayerInputError
 from dpkernels.layers.linear import LinearSamples, choose_method, weight_norm_sq
+from dpkernels.profiling import peak_memory
 from dpkernels.reference import layer_per_sample_grads
 from dpkernels.testing import assert_rel_close, check_against_oracle
 
@@ -111,3 +112,26 @@ def test_rank_one_input_is_refused(shape):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="method must be one of"):
         weight_norm_sq(torch.randn(1, 2, 3), torch.randn(1, 2, 4), "einsum")
+
+
+def test_ghost_memory_scales_with_t_squared_not_with_d_times_p():
+    """The Gram strategy never materialises per-sample gradients: its extra memory is at most the two
+    B x T x T Grams and a copy of the inputs, whatever d p is (a "ghost" that is really a bmm holds B d p)."""
+    B, T, d, p = 4, 8, 512, 512
+    A, G = torch.randn(B, T, d), torch.randn(B, T, p)
+    with peak_memory(torch.device("cpu")) as ghost:
+        weight_norm_sq(A, G, "ghost")
+    with peak_memory(torch.device("cpu")) as direct:
+        weight_norm_sq(A, G, "direct")
+    assert ghost["peak_bytes"] <= 4 * (2 * B * T * T + B * T * (d + p))
+    assert direct["peak_bytes"] >= B * d * p * 4 > 10 * ghost["peak_bytes"]
+
+
+def test_flash_on_cpu_holds_tiles_not_t_by_t_grams():
+    """The flash path's CPU tiling: memory O(tile), far below one B x T x T Gram (268 MB here)."""
+    B, T, d, p = 4, 4096, 16, 16
+    A, G = torch.randn(B, T, d), torch.randn(B, T, p)
+    with peak_memory(torch.device("cpu")) as flash:
+        got = weight_norm_sq(A, G, "flash")
+    assert flash["peak_bytes"] < 16 * 2**20
+    assert_rel_close("flash vs direct", got, weight_norm_sq(A.double(), G.double(), "direct"), torch.float32)

@@ -75,6 +75,9 @@ def rank_step(rank: int, port: int, mode: str, state: dict, batch, clip: float, 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's worker threads can abort the interpreter's teardown ("terminate called without an active
+    # exception") after all work is done; leave without it once the result is stored
+    os._exit(0)
 
 
 def run_ranks(mode, state, batch, clip) -> dict:

@@ -88,27 +88,21 @@ def linear_stack(T: int, B: int, small: bool) -> Workload:
     return Workload(f"linear-T{T}-B{B}", case, B, T)
 
 
+# The step-level configurations of the benchmark issue: (builder, full (T, B), small (T, B) for a CPU).
+STEP_CONFIGS = (
+    (gpt2, (1024, 16), (64, 4)),
+    (gpt2, (4096, 4), (128, 2)),
+    (llama, (16384, 1), (128, 1)),
+    (llama, (16384, 2), (128, 2)),
+    (linear_stack, (4096, 4), (128, 4)),
+    (linear_stack, (16384, 1), (256, 1)),
+)
+
+
 def step_workloads(small: bool) -> Tuple[Workload, ...]:
-    """The step-level configurations of the benchmark issue (small: the same shapes scaled down)."""
-    if small:
-        return (
-            gpt2(64, 4, True),
-            gpt2(128, 2, True),
-            llama(128, 1, True),
-            llama(128, 2, True),
-            dit(2, True),
-            linear_stack(128, 4, True),
-            linear_stack(256, 1, True),
-        )
-    return (
-        gpt2(1024, 16, False),
-        gpt2(4096, 4, False),
-        llama(16384, 1, False),
-        llama(16384, 2, False),
-        dit(2, False),
-        linear_stack(4096, 4, False),
-        linear_stack(16384, 1, False),
-    )
+    """The step-level configurations (small: the same architectures and shapes scaled down), and DiT-L at B=2."""
+    sized = tuple(build(*(small_TB if small else full_TB), small) for build, full_TB, small_TB in STEP_CONFIGS)
+    return sized + (dit(2, small),)
 
 
 class BertClassifier(nn.Module):

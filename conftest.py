@@ -2,7 +2,8 @@
 
 Profiles (select with ``pytest --hypothesis-profile=NAME``):
     ci    the default: derandomised, so CI runs are reproducible; no deadline (first calls compile)
-    fuzz  10,000 examples per property, random
+    fuzz  10,000 examples per property, random; with DPKERNELS_FUZZ_PARTS=N, 10,000 / N, so that N
+          processes with distinct ``--hypothesis-seed`` values share the 10,000 (e.g. on one GPU)
 """
 
 import os
@@ -24,7 +25,7 @@ settings.register_profile(
 settings.register_profile(
     "fuzz",
     deadline=None,
-    max_examples=10_000,
+    max_examples=10_000 // int(os.environ.get("DPKERNELS_FUZZ_PARTS", "1")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )

@@ -275,6 +275,31 @@ def test_noise_comes_from_opacus_generator(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
+def test_secure_mode_noise_uses_the_secure_generator(mode, monkeypatch):
+    """secure_mode: the noise is drawn with secure_mode=True (Opacus's 4-sample construction) from the
+    engine's secure generator, and a user noise_generator is refused as in Opacus.  torchcsprng (which
+    makes Opacus's secure generator) has no wheel for this torch: a seeded torch.Generator stands in."""
+    import dpkernels.optimizer as ours
+
+    calls = []
+    real = ours._generate_noise
+    monkeypatch.setattr(ours, "_generate_noise", lambda **kw: calls.append(kw) or real(**kw))
+    engine = PrivacyEngine()
+    engine.secure_mode, engine.secure_rng = True, torch.Generator().manual_seed(5)
+    model = MLP()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*mlp_batch(4)), batch_size=4)
+    kwargs = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), data_loader=loader, criterion=nn.CrossEntropyLoss(),
+                  noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode)
+    with pytest.raises(ValueError, match="prohibited in secure mode"):
+        engine.make_private(**kwargs, noise_generator=torch.Generator().manual_seed(1))
+    dp_model, optimizer, criterion, _ = engine.make_private(**kwargs)
+    x, y = mlp_batch(4)
+    criterion(dp_model(x), y).backward()
+    optimizer.step()
+    assert calls and all(kw["secure_mode"] is True and kw["generator"] is engine.secure_rng for kw in calls)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_accountant_advances_as_with_opacus(mode):
     def epsilon(engine_cls, grad_sample_mode):
         model = MLP()

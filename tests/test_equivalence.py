@@ -10,7 +10,7 @@ from torch import nn
 
 from dpkernels import SINGLE_PROCESS_MODES
 from dpkernels.models import MLP, GPT, ConvNet, DiT, DiTConfig, GPTConfig, TwoBranch
-from dpkernels.models.llama import LlamaLM, LlamaSpec
+from dpkernels.models.llama import LlamaClassifier, LlamaLM, LlamaSpec
 from dpkernels.testing import Case, assert_rel_close, dp_update, oracle_update, total_norm
 
 
@@ -70,6 +70,11 @@ CASES = [
         lambda B: (tokens(B), tokens(B)),
         logits_of=lambda out: out.transpose(1, 2),
     ),
+    Case(
+        "transformers_llama_gqa_classifier",
+        lambda: LlamaClassifier(LlamaSpec(vocab=19, hidden=16, layers=2, heads=4, kv_heads=2, intermediate=24, max_len=8)),
+        lambda B: (torch.randint(1, 19, (B, 8)), torch.randint(0, 3, (B,))),
+    ),
     Case("dp_multihead_attention", AttentionClassifier, lambda B: (tokens(B), torch.randint(0, 3, (B,)))),
     Case(
         "dit_adaln",
@@ -83,7 +88,7 @@ B = 6
 
 # transformers' RMSNorm computes in float32 whatever the model dtype, so that model has no float64-exact
 # gradient to compare with: it is checked in float32 (1e-5) only.
-FLOAT32_ONLY = {"transformers_llama"}
+FLOAT32_ONLY = {"transformers_llama", "transformers_llama_gqa_classifier"}
 CASE_DTYPES = [
     pytest.param(case, dtype, id=f"{case.name}-{name}")
     for case in CASES

@@ -19,14 +19,14 @@ from dpkernels.profiling.step import STEP_MODES
 
 TINY = ["--models", "linear", "--seq", "8", "--batch", "2", "--steps", "1", "--warmup", "1", "--no-plots"]
 RECORD_KEYS = {
-    "schema", "experiment", "status", "error", "config", "peak_memory_mb", "avg_time_ms", "step_times_ms",
+    "schema", "experiment", "status", "error", "config", "peak_memory_mb", "avg_time_ms", "tokens_per_s", "step_times_ms",
     "breakdown", "snapshots", "run", "memory_source", "device", "versions", "started_at", "wall_s",
 }
 
 
 def spec(mode: str, model: str = "linear", T: int = 8, B: int = 2, **over) -> dict:
     settings = {"modes": [mode], "models": [model], "seq": [T], "batch": [B], "size": "small", "steps": 1, "warmup": 0,
-                "grad_accum": 1, "optimizer": "adam", "amp": "none", "device": "cpu", "threads": None}
+                "grad_accum": 1, "optimizer": "adam", "amp": "none", "device": "cpu", "threads": None, "gpus": 1, "layers": None}
     settings.update(over)
     return experiment_specs(settings)[0]
 
@@ -45,6 +45,7 @@ def spec(mode: str, model: str = "linear", T: int = 8, B: int = 2, **over) -> di
         (["--warmup", "-2"], "must be >= 0"),
         (["--preset", "nosuch"], "invalid choice"),
         (["--preset", "llama-fsdp"], "needs 2 CUDA GPUs"),
+        (["--gpus", "2", "--modes", "nondp", "ghost"], "shards the model with FSDP2: modes nondp"),
         (["--single", "{}"], "--single and --result go together"),
     ],
 )
@@ -155,6 +156,46 @@ def test_plots_are_written(tmp_path, tiny_run):
 
 def test_a_rerun_gets_a_new_folder(tmp_path):
     assert new_run_dir(tmp_path) != new_run_dir(tmp_path)
+
+
+def test_llama_fsdp_preset_is_seed_004():
+    """Llama-3-8B's shape classifying sequences, 2 GPUs x B=2, T 1024-4096, the FSDP2 modes vs nondp."""
+    preset = profile.PRESETS["llama-fsdp"]
+    assert preset["models"] == ["llama3"] and preset["gpus"] == 2 and preset["batch"] == [2]
+    assert preset["seq"] == [1024, 2048, 4096] and set(preset["modes"]) == {"nondp", "ghost_fsdp", "flash_fsdp", "flash_bk_fsdp"}
+
+
+# ---- FSDP2: experiments over several processes (gloo on CPU) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    argv = ["--models", "llama3", "--seq", "8", "--batch", "2", "--steps", "2", "--warmup", "0", "--no-plots",
+            "--gpus", "2", "--modes", "nondp", "flash_bk_fsdp", "--device", "cpu", "--out", str(out)]
+    code = main(argv)
+    (run_dir,) = out.iterdir()
+    return code, [json.loads(p.read_text()) for p in sorted(run_dir.glob("llama3_*.json"))]
+
+
+def test_sharded_experiment_merges_its_ranks(sharded_run):
+    """2 ranks x B=2: global batch 4; peak = the largest rank's; a step's time = the slowest rank's."""
+    code, records = sharded_run
+    assert code == 0
+    assert [r["config"]["mode"] for r in records] == ["flash_bk_fsdp", "nondp"]
+    for r in records:
+        assert r["status"] == "ok", r["error"]
+        assert r["config"]["sharded"] and r["config"]["gpus"] == 2 and r["config"]["global_batch"] == 4
+        assert len(r["rank_peak_memory_mb"]) == 2 and r["peak_memory_mb"] == max(r["rank_peak_memory_mb"]) > 0
+        assert len(r["step_times_ms"]) == 2 and r["tokens_per_s"] == pytest.approx(4 * 8 / (r["avg_time_ms"] / 1e3))
+        assert r["breakdown_rank"] == 0
+
+
+def test_a_failing_rank_is_recorded_with_its_number(tmp_path):
+    bad = spec("nondp", model="llama3", gpus=2)
+    bad["mode"] = bad["experiment"] = "bk"  # a single-process mode cannot run sharded
+    (record,) = run_matrix([bad], tmp_path, timeout=300)
+    assert record["status"] == "failed" and record["error"].startswith("rank ") and "cannot run on a sharded model" in record["error"]
 
 
 # ---- isolation -----------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Each workload has a full size (the seeds' and anchors' configurations, for a GPU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +59,23 @@ def llama(T: int, B: int, small: bool) -> Workload:
 
     spec = LlamaSpec(vocab=320, hidden=64, layers=2, heads=4, intermediate=176, max_len=T) if small else LlamaSpec(max_len=T)
     return Workload(f"llama-T{T}-B{B}", tokens_case("llama", lambda: LlamaLM(spec), spec.vocab, T), B, T)
+
+
+def llama3(T: int, B: int, small: bool, layers: Optional[int] = None, labels: int = 3) -> Workload:
+    """Seed 004's model: Llama-3-8B's shape (``layers`` decoder layers, default its 32) classifying
+    each sequence into ``labels`` classes from its last token; ids drawn from [1, vocab) (0 pads)."""
+    from .llama import LLAMA3_8B, LlamaClassifier, LlamaSpec
+
+    if small:
+        spec = LlamaSpec(vocab=320, hidden=64, layers=layers or 2, heads=4, kv_heads=2, intermediate=176, max_len=T)
+    else:
+        spec = replace(LLAMA3_8B, layers=layers or LLAMA3_8B.layers, max_len=max(T, LLAMA3_8B.max_len))
+    case = Case(
+        "llama3",
+        lambda: LlamaClassifier(spec, labels),
+        lambda B: (torch.randint(1, spec.vocab, (B, T)), torch.randint(0, labels, (B,))),
+    )
+    return Workload(f"llama3-L{spec.layers}-T{T}-B{B}", case, B, T)
 
 
 def dit(B: int, small: bool) -> Workload:

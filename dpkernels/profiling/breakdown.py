@@ -41,6 +41,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .memory import TensorMemoryTracker
 
@@ -135,10 +136,11 @@ class Meter:
 
 
 def storages(tensors: Iterable[torch.Tensor]) -> Dict[int, int]:
-    """{storage data_ptr: storage nbytes} of the distinct, non-empty storages behind ``tensors``."""
+    """{storage data_ptr: storage nbytes} of the distinct, non-empty storages behind ``tensors``
+    (a DTensor's: its local shard's)."""
     out = {}
     for t in tensors:
-        s = t.untyped_storage()
+        s = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
         if s.nbytes() and s.data_ptr():
             out[s.data_ptr()] = s.nbytes()
     return out

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 
@@ -34,6 +34,11 @@ class TensorMemoryTracker(TorchDispatchMode):
         return out
 
     def _hold(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):  # a DTensor: its local shard was made out of our sight
+            for inner in (getattr(t, name) for name in t.__tensor_flatten__()[0]):
+                if isinstance(inner, torch.Tensor):
+                    self._hold(inner)
+            return
         storage = t.untyped_storage()
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0:

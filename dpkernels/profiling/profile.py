@@ -9,6 +9,11 @@ An experiment is one (mode, model, sequence length, batch size).  Its worker pro
   time   --steps more steps of the same run, without instrumentation; ``avg_time_ms``: the mean
          wall time of one optimizer step (all its micro-batches), synchronised on CUDA
 
+With --gpus N (or a ``*_fsdp`` mode) an experiment is N processes started by torchrun, one GPU each
+(gloo processes on CPU), on a model sharded with FSDP2 (``distributed.shard_blocks``; --amp bf16 is
+FSDP2's mixed precision there), each rank training on its own B samples: the global batch is N x B.
+Peak memory is the largest rank's, a step's time the slowest rank's; the breakdown is rank 0's.
+
 Memory is the CUDA allocator's on GPU and dpkernels' live-tensor tracker on CPU.  Each experiment
 writes ``<run>/<experiment>.json`` (atomically); a crash, timeout or out-of-memory is recorded
 there with its status while the other experiments go on.  Then ``summary.txt`` and the plots.
@@ -26,19 +31,20 @@ import subprocess
 import sys
 import time
 import traceback
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NoReturn, Optional
 
 import torch
 
 from ..models import workloads
-from . import environment, step
+from . import distributed, environment, step
 from .breakdown import COMPONENTS, MB, Meter, Recorder, instrumented_step, step_breakdown
 from .plots import write_plots
 from .report import write_atomic, write_summary
 
-MODELS = ("gpt", "llama", "bert", "dit", "linear")
+MODELS = ("gpt", "llama", "llama3", "bert", "dit", "linear")
 ALIASES = {"hooks": "opacus_hooks", "vanilla": "nondp"}
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SEQ = {"small": (64, 128), "full": (1024, 2048, 4096)}
@@ -60,16 +66,21 @@ PRESETS: Dict[str, dict] = {
         "models": ["dit"], "batch": [2], "steps": 3, "warmup": 0, "modes": ["nondp", "ghost", "flash", "bk", "flash_bk"],
     },
     "llama-fsdp": {
-        "help": "seed 004: Llama with FSDP2 on >= 2 GPUs, T=1024/2048/4096, B=2 (needs the distributed modes)",
-        "models": ["llama"], "seq": [1024, 2048, 4096], "batch": [2], "modes": ["nondp", "ghost_fsdp", "flash_fsdp"],
-        "min_gpus": 2, "required_modes": ["ghost_fsdp", "flash_fsdp"],
+        "help": "seed 004: Llama-3-8B-shaped classifier, FSDP2 on 2 GPUs, bf16 mixed precision, T=1024/2048/4096, B=2 per GPU",
+        "models": ["llama3"], "seq": [1024, 2048, 4096], "batch": [2], "amp": "bf16", "gpus": 2,
+        "modes": ["nondp", "ghost_fsdp", "flash_fsdp", "flash_bk_fsdp"],
+        "min_gpus": 2, "required_modes": ["ghost_fsdp", "flash_fsdp", "flash_bk_fsdp"],
     },
 }
 
 
 def available_modes() -> tuple:
     """Every mode a Trainer accepts (read at run time: new dpkernels modes appear here by themselves)."""
-    return step.STEP_MODES
+    return step.STEP_MODES + tuple(m for m in step.SHARDED_MODES if m not in step.STEP_MODES)
+
+
+def is_fsdp(mode: str) -> bool:
+    return mode in step.SHARDED_MODES and mode != "nondp"
 
 
 # ---- command line ----------------------------------------------------------------------------------
@@ -115,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=non_negative, help="untimed optimizer steps at the start of the run, included in its peak (default 1)")
     parser.add_argument("--grad-accum", type=positive, help="micro-batches per optimizer step in the run (default 1)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam (with optimizer state, as in the seeds) or plain sgd (default adam)")
-    parser.add_argument("--amp", choices=sorted(AMP), default="none", help="autocast dtype of forward and loss (default none: float32)")
+    parser.add_argument("--amp", choices=sorted(AMP), help="autocast dtype of forward and loss; with FSDP2, its mixed-precision parameter dtype (default none: float32)")
+    parser.add_argument("--gpus", type=positive, help="processes per experiment, one GPU each (gloo processes on CPU), on an FSDP2-sharded model: modes nondp and *_fsdp only (default 1)")
+    parser.add_argument("--layers", type=positive, help="decoder layers of llama3 (default: Llama-3-8B's 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--threads", type=positive, help="CPU threads of each experiment (torch.set_num_threads; default: torch's)")
     parser.add_argument("--out", default="profile_results", help="results folder; each run gets a new run_YYYYMMDD_HHMMSS folder inside (default profile_results)")
@@ -172,7 +185,12 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
-    modes = canonical_modes(args.modes, parser) if args.modes else (preset_modes(preset) if preset else list(available_modes()))
+    modes = canonical_modes(args.modes, parser) if args.modes else (preset_modes(preset) if preset else list(step.STEP_MODES))
+    gpus = args.gpus or preset.get("gpus", 1)
+    if gpus > 1 and any(m not in step.SHARDED_MODES for m in modes):
+        parser.error(f"--gpus {gpus} shards the model with FSDP2: modes {', '.join(step.SHARDED_MODES)} only")
+    if device == "cuda" and torch.cuda.device_count() < gpus:
+        parser.error(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPUs")
     return {
         "preset": args.preset,
         "modes": modes,
@@ -184,7 +202,9 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         "warmup": args.warmup if args.warmup is not None else preset.get("warmup", 1),
         "grad_accum": args.grad_accum or preset.get("grad_accum", 1),
         "optimizer": args.optimizer,
-        "amp": args.amp,
+        "amp": args.amp or preset.get("amp", "none"),
+        "gpus": gpus,
+        "layers": args.layers,
         "device": device,
         "threads": args.threads,
     }
@@ -201,15 +221,19 @@ def seq_lengths(model: str, settings: dict) -> List[Optional[int]]:
 
 def experiment_specs(settings: dict) -> List[dict]:
     """One spec per (model, T, B, mode), in that nesting order."""
-    keys = ("size", "steps", "warmup", "grad_accum", "optimizer", "amp", "device", "threads")
+    keys = ("size", "steps", "warmup", "grad_accum", "optimizer", "amp", "device", "threads", "layers")
+    # an FSDP2 comparison (several GPUs, or a *_fsdp mode) runs its nondp baseline sharded as well
+    fsdp_run = settings["gpus"] > 1 or any(is_fsdp(m) for m in settings["modes"])
     specs = []
     for model in settings["models"]:
         for T in seq_lengths(model, settings):
             for B in settings["batch"]:
                 for mode in settings["modes"]:
                     group = f"{model}_B{B}" if T is None else f"{model}_T{T}_B{B}"
+                    sharded = fsdp_run and mode in step.SHARDED_MODES
                     specs.append({"experiment": f"{group}_{mode}", "group": group, "mode": mode, "model": model,
-                                  "seq_len": T, "batch": B, **{k: settings[k] for k in keys}})
+                                  "seq_len": T, "batch": B, "sharded": sharded, "gpus": settings["gpus"] if sharded else 1,
+                                  **{k: settings[k] for k in keys}})
     return specs
 
 
@@ -220,6 +244,8 @@ def workload_of(spec: dict):
     small, T, B = spec["size"] == "small", spec["seq_len"], spec["batch"]
     if spec["model"] == "dit":
         return workloads.dit(B, small)
+    if spec["model"] == "llama3":
+        return workloads.llama3(T, B, small, spec["layers"])
     build = {"gpt": workloads.gpt2, "llama": workloads.llama, "bert": workloads.bert, "linear": workloads.linear_stack}
     return build[spec["model"]](T, B, small)
 
@@ -237,7 +263,12 @@ def use_optimizer(trainer, name: str) -> None:
 
 
 def build_trainer(spec: dict, device: torch.device):
-    trainer = step.Trainer(workload_of(spec), spec["mode"], device, AMP[spec["amp"]])
+    """A sharded experiment's amp dtype is FSDP2's mixed-precision parameter dtype, not autocast."""
+    amp = AMP[spec["amp"]]
+    if spec["sharded"]:
+        trainer = step.Trainer(workload_of(spec), spec["mode"], device, shard=partial(distributed.shard_blocks, param_dtype=amp))
+    else:
+        trainer = step.Trainer(workload_of(spec), spec["mode"], device, amp)
     use_optimizer(trainer, spec["optimizer"])
     return trainer
 
@@ -298,24 +329,24 @@ def device_info(device: torch.device, probe: bool) -> dict:
     return info
 
 
-def base_record(spec: dict, probe: bool = True) -> dict:
+def base_record(spec: dict, probe: bool = True, device: Optional[torch.device] = None) -> dict:
     """The fields every result has, filled for an experiment that has not produced numbers (yet)."""
     config = {k: v for k, v in spec.items() if k != "experiment"}
-    device = torch.device(spec["device"])
+    device = device or torch.device(spec["device"])
     return {
         "schema": 1, "experiment": spec["experiment"], "status": "failed", "error": None, "config": config,
-        "peak_memory_mb": None, "avg_time_ms": None, "step_times_ms": [], "breakdown": None, "snapshots": [],
+        "peak_memory_mb": None, "avg_time_ms": None, "tokens_per_s": None, "step_times_ms": [], "breakdown": None, "snapshots": [],
         "run": None, "memory_source": "cuda_allocator" if device.type == "cuda" else "tensor_tracker",
         "device": device_info(device, probe), "versions": versions(probe), "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "wall_s": None,
     }
 
 
-def run_experiment(spec: dict) -> dict:
+def run_experiment(spec: dict, device: torch.device) -> dict:
     """Measure one experiment in this process (step breakdown, run peak, time); see the module doc."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    record, device, start = base_record(spec), torch.device(spec["device"]), time.perf_counter()
+    record, start = base_record(spec, device=device), time.perf_counter()
     trainer, meter, recorder = measure(spec, device, 1, 1)
     record["config"]["tokens"] = trainer.workload.T
     record["config"]["parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -332,8 +363,29 @@ def run_experiment(spec: dict) -> dict:
     }
     record["peak_memory_mb"] = record["run"]["peak_memory_mb"]
     record["step_times_ms"] = time_steps(trainer, spec["steps"], spec["grad_accum"])
-    record["avg_time_ms"] = sum(record["step_times_ms"]) / len(record["step_times_ms"])
     record.update(status="ok", memory_source=meter.source, wall_s=time.perf_counter() - start)
+    return record
+
+
+def add_throughput(record: dict) -> dict:
+    """avg_time_ms, and the global batch and tokens per second of one optimizer step."""
+    c = record["config"]
+    record["avg_time_ms"] = sum(record["step_times_ms"]) / len(record["step_times_ms"])
+    c["global_batch"] = c["batch"] * c["gpus"] * c["grad_accum"]
+    record["tokens_per_s"] = c["global_batch"] * c["tokens"] / (record["avg_time_ms"] / 1e3)
+    return record
+
+
+def merge_ranks(record: dict, device: torch.device) -> dict:
+    """One record for all ranks (a collective): the largest rank's peaks, the slowest rank's step
+    times, every rank's peak in ``rank_peak_memory_mb``; the breakdown stays rank 0's."""
+    run = record["run"]
+    record["rank_peak_memory_mb"] = distributed.gather_floats(run["peak_memory_mb"], device)
+    record["step_times_ms"] = distributed.max_over_ranks(record["step_times_ms"], device)
+    run["peak_memory_mb"] = record["peak_memory_mb"] = max(record["rank_peak_memory_mb"])
+    if run["reserved_peak_mb"] is not None:
+        run["reserved_peak_mb"] = distributed.max_over_ranks([run["reserved_peak_mb"]], device)[0]
+    record["breakdown_rank"] = 0
     return record
 
 
@@ -342,16 +394,49 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate memory" in text
 
 
+def failure_record(spec: dict, error: BaseException) -> dict:
+    record = base_record(spec, probe=False)
+    record.update(status="oom" if is_oom(error) else "failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+    return record
+
+
 def worker_main(spec_json: str, result: str) -> int:
     """Run one experiment and write its JSON; a failure is written as such.  0 if it finished."""
     spec = json.loads(spec_json)
+    if spec["sharded"]:
+        sharded_worker_main(spec, Path(result))  # never returns
     try:
-        record = run_experiment(spec)
+        record = add_throughput(run_experiment(spec, torch.device(spec["device"])))
     except Exception as error:  # recorded in the result, never raised to the parent
-        record = base_record(spec, probe=False)
-        record.update(status="oom" if is_oom(error) else "failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        record = failure_record(spec, error)
     write_atomic(Path(result), json.dumps(record, indent=1))
     return 0 if record["status"] == "ok" else 1
+
+
+def sharded_worker_main(spec: dict, result: Path) -> NoReturn:
+    """One rank of a sharded experiment (started by torchrun); rank 0 writes the merged record.
+
+    A rank that fails writes its own record and leaves at once with status 1, and torchrun stops the
+    other ranks (which may be waiting in a collective for it).  Ranks leave with ``os._exit``: gloo's
+    threads can abort an orderly interpreter teardown after all work is done.
+    """
+    device = distributed.start(spec["device"])
+    rank = torch.distributed.get_rank()
+    try:
+        record = add_throughput(merge_ranks(run_experiment(spec, device), device))
+    except Exception as error:
+        record = failure_record(spec, error)
+        record["error"] = f"rank {rank}: {record['error']}"
+        write_atomic(result, json.dumps(record, indent=1))
+        sys.stderr.write(record["traceback"])
+        sys.stderr.flush()
+        os._exit(1)
+    if rank == 0:
+        write_atomic(result, json.dumps(record, indent=1))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---- the experiment matrix (the parent process) ----------------------------------------------------------
@@ -371,7 +456,11 @@ def new_run_dir(root: Path) -> Path:
 
 
 def worker_command(spec: dict, result: Path) -> List[str]:
-    return [sys.executable, "-m", "dpkernels", "profile", "--single", json.dumps(spec), "--result", str(result)]
+    """``python -m dpkernels profile --single``; a sharded experiment: under torchrun, one per GPU."""
+    launcher = [sys.executable]
+    if spec["sharded"]:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec['gpus']}"]
+    return launcher + ["-m", "dpkernels", "profile", "--single", json.dumps(spec), "--result", str(result)]
 
 
 def crash_record(spec: dict, status: str, error: str) -> dict:

@@ -1,7 +1,8 @@
 """``summary.txt`` of a profile run, and atomic file writes.
 
 The summary has four tables (memory in MB = 2**20 bytes, time in ms per optimizer step):
-  1. time and memory of every experiment, with ratios against ``nondp`` of the same model, T, B
+  1. time, tokens per second and memory of every experiment, with ratios against ``nondp`` of the
+     same model, T, B
   2. the single-step breakdown of each step's peak (components at its largest snapshot + temporaries)
   3. single step vs whole run: the two peaks side by side and what makes them differ
   4. failures (status and the first line of the error)
@@ -80,14 +81,14 @@ def table_time_memory(records: List[dict]) -> List[str]:
     base = baselines(records)
     lines = [
         "Time and memory (x nondp: ratio against nondp of the same model, T, B)",
-        f"{'group':18} {'mode':13} {'status':7} {'ms/step':>9} {'x nondp':>8} {'step peak MB':>13} {'run peak MB':>12} {'x nondp':>8}",
+        f"{'group':18} {'mode':13} {'status':7} {'ms/step':>9} {'x nondp':>8} {'tokens/s':>10} {'step peak MB':>13} {'run peak MB':>12} {'x nondp':>8}",
     ]
     for r in records:
         b = base.get(r["config"]["group"], {})
         step_peak = (r["breakdown"] or {}).get("peak_mb")
         lines.append(
             f"{r['config']['group']:18} {r['config']['mode']:13} {r['status']:7} {fmt(r['avg_time_ms'])} "
-            f"{fmt(ratio(r['avg_time_ms'], b.get('avg_time_ms')), '8.2f')} {fmt(step_peak, '13.2f')} "
+            f"{fmt(ratio(r['avg_time_ms'], b.get('avg_time_ms')), '8.2f')} {fmt(r.get('tokens_per_s'), '10.0f')} {fmt(step_peak, '13.2f')} "
             f"{fmt(r['peak_memory_mb'], '12.2f')} {fmt(ratio(r['peak_memory_mb'], b.get('peak_memory_mb')), '8.2f')}"
         )
     return lines
@@ -163,7 +164,8 @@ def header(records: List[dict], settings: dict) -> List[str]:
         f"dpkernels profile: {len(records)} experiments on {d['type']} ({d.get('name', '?')}, {d['torch_threads']} threads)",
         f"versions: torch {v['torch']}, opacus {v['opacus']}, dpkernels {v['dpkernels']}, python {v['python']}",
         f"settings: preset {settings['preset'] or '-'}, size {settings['size']}, steps {settings['steps']} (+{settings['warmup']} warm-up), "
-        f"grad-accum {settings['grad_accum']}, optimizer {settings['optimizer']}, amp {settings['amp']}",
+        f"grad-accum {settings['grad_accum']}, optimizer {settings['optimizer']}, amp {settings['amp']}, gpus {settings.get('gpus', 1)}"
+        + (" (FSDP2: peak memory of the largest rank, time of the slowest)" if settings.get("gpus", 1) > 1 else ""),
         f"memory: {source[r['memory_source']]}; time: mean wall time of one optimizer step",
     ]
 

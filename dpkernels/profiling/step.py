@@ -2,6 +2,8 @@
 
 Modes: "nondp" (plain PyTorch), "opacus_hooks" and "opacus_ghost" (``opacus.PrivacyEngine``), and
 every dpkernels mode (``dpkernels.MODES``).  A step is forward, backward, optimizer step, zero_grad.
+A Trainer given ``shard`` (e.g. ``distributed.shard_blocks``) runs on an FSDP2-sharded model inside
+a process group: "nondp" or a ``*_fsdp`` mode, each rank on its own batch of B samples.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import contextlib
 import statistics
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import opacus
 import torch
@@ -24,6 +26,7 @@ from .environment import synchronize
 from .memory import peak_memory
 
 STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + SINGLE_PROCESS_MODES
+SHARDED_MODES = ("nondp",) + tuple(sorted(name for name, mode in MODES.items() if mode.fsdp))
 
 
 class PerSampleLoss(nn.Module):
@@ -51,13 +54,25 @@ class Trainer:
 
     amp_dtype: run forward and loss under ``torch.autocast(device, amp_dtype)`` (e.g. torch.bfloat16).
     max_grad_norm: the clip norm C (the cost of a step does not depend on how many samples it clips).
+    shard: applied to the model after it is built (FSDP2); then the global batch, from which the
+    noise scale follows, is B x the process group's world size.
     """
 
     def __init__(
-        self, workload: Workload, mode: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None, seed: int = 0, max_grad_norm: float = 1.0
+        self,
+        workload: Workload,
+        mode: str,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        seed: int = 0,
+        max_grad_norm: float = 1.0,
+        shard: Optional[Callable[[nn.Module], nn.Module]] = None,
     ):
-        if mode not in STEP_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {STEP_MODES}")
+        if mode not in STEP_MODES + SHARDED_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {STEP_MODES + SHARDED_MODES[1:]}")
+        allowed = SHARDED_MODES if shard else STEP_MODES
+        if mode not in allowed:
+            raise ValueError(f"mode {mode!r} cannot run {'on a sharded model' if shard else 'in one process'}; choose one of {allowed}")
         torch.manual_seed(seed)
         self.workload, self.mode, self.device, self.amp_dtype = workload, mode, device, amp_dtype
         self.max_grad_norm = max_grad_norm
@@ -65,6 +80,10 @@ class Trainer:
         self.batch = tuple(t.to(device) for t in case.batch(workload.B))
         with torch.device(device):  # build on the device: no slow CPU init of large models
             model = case.build()
+        self.world = 1
+        if shard:
+            model = shard(model)
+            self.world = torch.distributed.get_world_size()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         criterion = PerSampleLoss(case.criterion)
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
@@ -72,7 +91,8 @@ class Trainer:
             self._make_private(model, optimizer, criterion)
 
     def _make_private(self, model, optimizer, criterion) -> None:
-        loader = DataLoader(TensorDataset(*[t.cpu() for t in self.batch]), batch_size=self.workload.B)
+        global_batch = [t.cpu().repeat(self.world, *[1] * (t.dim() - 1)) for t in self.batch]
+        loader = DataLoader(TensorDataset(*global_batch), batch_size=self.workload.B * self.world)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             engine = PrivacyEngine() if self.mode in MODES else opacus.PrivacyEngine()

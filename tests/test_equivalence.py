@@ -43,6 +43,24 @@ class FallbackLayers(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
 
 
+class RootParameters(nn.Module):
+    """A ViT-style model whose root owns bare parameters: a class token, a position embedding and a
+    scale, used around supported child layers (the pitfall: hooks must still reach the children)."""
+
+    def __init__(self, d: int = 8, T: int = 5, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(6, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.1 * torch.randn(T + 1, d))
+        self.scale = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1) + self.pos
+        return self.head(torch.tanh(self.norm(h) * self.scale)[:, 0])
+
+
 def tokens(B, T=7, vocab=19):
     return torch.randint(0, vocab, (B, T))
 
@@ -75,6 +93,7 @@ CASES = [
         lambda: LlamaClassifier(LlamaSpec(vocab=19, hidden=16, layers=2, heads=4, kv_heads=2, intermediate=24, max_len=8)),
         lambda B: (torch.randint(1, 19, (B, 8)), torch.randint(0, 3, (B,))),
     ),
+    Case("root_level_parameters", RootParameters, lambda B: (torch.randn(B, 5, 6), torch.randint(0, 3, (B,)))),
     Case("dp_multihead_attention", AttentionClassifier, lambda B: (tokens(B), torch.randint(0, 3, (B,)))),
     Case(
         "dit_adaln",

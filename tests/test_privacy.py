@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dpkernels import SINGLE_PROCESS_MODES, reference
+from dpkernels.errors import LayerInputError, UnsupportedModuleError
 from dpkernels.models import GPT, ConvNet, GPTConfig
 from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update, sample_loss_fn, total_norm
 
@@ -179,3 +180,41 @@ def test_dropout_uses_the_forward_pass_masks(mode):
     whole = total_norm(expected.values())
     for n in expected:
         assert_rel_close(n, got[n], expected[n], torch.float64, scale=whole)
+
+
+class RootScaleWith(nn.Module):
+    """A root-level parameter around a Linear, with a dropout or a batch mean in the forward."""
+
+    def __init__(self, extra: str):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.extra = extra
+
+    def forward(self, x):
+        h = x * self.scale
+        h = self.drop(h) if self.extra == "dropout" else h - h.mean(0)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+@pytest.mark.parametrize("extra, error, message", [("dropout", UnsupportedModuleError, "draws random numbers"), ("batch_mean", LayerInputError, "mixes samples")])
+def test_root_parameters_refuse_a_forward_they_cannot_replay(mode, extra, error, message):
+    """The root's own parameters are recomputed by running each sample alone: a forward that draws
+    random numbers or mixes samples is refused with an error, and p.grad is left untouched."""
+    model = RootScaleWith(extra)
+    case = Case("root", lambda: model, lambda n: (torch.randn(n, 4), torch.randint(0, 3, (n,))))
+    batch = case.batch(5)
+    dp_model, optimizer, criterion, _ = make_private(model, batch, case, mode, 1.0, "mean")
+    with pytest.raises(error, match=message):
+        criterion(dp_model(batch[0]), batch[1]).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_root_parameters_of_a_sharded_model_are_refused():
+    from dpkernels.clipping.module import check_supported
+
+    with pytest.raises(UnsupportedModuleError, match=r"<root> \(.*RootScaleWith\)"):
+        check_supported(RootScaleWith("dropout"), sharded=True)
+    check_supported(RootScaleWith("dropout"), sharded=False)

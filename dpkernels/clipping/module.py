@@ -13,6 +13,7 @@ One DP step, as data:
     optimizer  Opacus's (batched loops): noise, division by the expected batch size, accountant
 
 Under ``loss_reduction="mean"`` the hooks see G / B, so norms are scaled by B^2 and coefficients by B.
+Parameters of the root module itself: recomputed per sample after backward (root.py).
 One sample (B = 1, one process): no caching, an ordinary backward and one global norm (single.py).
 FSDP2 (``sharded``): each rank clips its own samples; bookkeeping's sums are averaged into the shards.
 """
@@ -25,11 +26,13 @@ import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.utils._pytree import tree_map
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from ..layers import layer_type, rule_for, samples_of
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from ..reference import clip_coefficients
+from .root import RootForward, rng_states, root_parameter_names
 
 
 def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -41,9 +44,19 @@ def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     ]
 
 
-def check_supported(model: nn.Module) -> None:
-    """Raise one error listing every trainable module that has no per-sample rule."""
-    bad = [f"{name or '<root>'} ({layer_type(m).__module__}.{layer_type(m).__name__})" for name, m in trainable_layers(model) if rule_for(m) is None]
+def has_root_parameters(model: nn.Module) -> bool:
+    """The root owns trainable parameters directly and is no layer with a rule (clipping/root.py)."""
+    return rule_for(model) is None and bool(root_parameter_names(model))
+
+
+def check_supported(model: nn.Module, sharded: bool) -> None:
+    """Raise one error listing every trainable module that has no per-sample rule (the root's own
+    parameters have one, by re-running the model per sample, except on an FSDP2-sharded model)."""
+    bad = [
+        f"{name or '<root>'} ({layer_type(m).__module__}.{layer_type(m).__name__})"
+        for name, m in trainable_layers(model)
+        if rule_for(m) is None and (m is not model or sharded)
+    ]
     if bad:
         raise UnsupportedModuleError(
             "these modules own trainable parameters but have no per-sample gradient rule: "
@@ -109,7 +122,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     ):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        check_supported(m)
+        check_supported(m, sharded)
         check_untied(m)
         self._init_step_state(keep_samples, linear_norm, sharded)
         super().__init__(
@@ -135,6 +148,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         object.__setattr__(self, "_kept", [])
         object.__setattr__(self, "_layer_names", {})
         object.__setattr__(self, "single_sample_step", False)
+        object.__setattr__(self, "_root_forward", None)  # clipping/root.py, for a root with its own parameters
 
     # ---- hooks -------------------------------------------------------------------------------
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
@@ -144,6 +158,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
         for name, layer in trainable_layers(self._module):
+            if layer is self._module and has_root_parameters(layer):
+                continue  # recorded by forward() instead (clipping/root.py)
             self._layer_names[layer] = name or "<root>"
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self.capture_activations_hook))
             self.autograd_grad_sample_hooks.append(layer.register_full_backward_hook(self.capture_backprops_hook))
@@ -164,7 +180,14 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def forward(self, *args, **kwargs):
         self._inputs.clear()  # inputs of a forward pass that never got a backward pass
         self.single_sample_step = False
-        return self._module(*args, **kwargs)
+        self._root_forward = None
+        record_root = self.hooks_enabled and self._module.training and torch.is_grad_enabled() and has_root_parameters(self._module)
+        rng_before = rng_states(self._module) if record_root else []
+        output = self._module(*args, **kwargs)
+        if record_root and not self.single_sample_step:
+            detached = tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, (args, kwargs))
+            self._root_forward = RootForward(self._module, *detached, output, rng_before)
+        return output
 
     def capture_activations_hook(self, module: nn.Module, forward_input, _forward_output) -> None:
         if not (self.hooks_enabled and module.training and torch.is_grad_enabled()):
@@ -215,6 +238,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         The per-parameter squared norms are scaled and reduced in a few batched operations here,
         not per layer in the hooks; each parameter's ``_norm_sample`` (Opacus's attribute) is a row of it.
         """
+        if self._root_forward is not None:
+            self._add_root_samples()
         if not self._param_norm_sq:
             raise RuntimeError("no per-sample norms: call backward on a loss of the wrapped model first")
         self._check_one_batch_size()
@@ -230,6 +255,20 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         norms = total.sqrt()
         self.per_sample_gradient_norms = norms
         return norms
+
+    def _add_root_samples(self) -> None:
+        """The root's own parameters (clipping/root.py): per-sample gradients by re-running the model
+        on each sample with the hooks off; their norms join the table, bookkeeping keeps them."""
+        root, self._root_forward = self._root_forward, None
+        self.disable_hooks()
+        try:
+            view = root.samples()
+        finally:
+            self.enable_hooks()
+        self._scale = root.batch_size if self.loss_reduction == "mean" else 1
+        self._param_norm_sq.extend(("<root>", p, sq) for p, sq in view.norm_sq().items())
+        if self.keep_samples:
+            self._kept.append((view, self._scale))
 
     def _check_one_batch_size(self) -> None:
         sizes = {name: sq.shape[0] for name, _, sq in self._param_norm_sq}
@@ -277,3 +316,4 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self._param_norm_sq.clear()
         self._kept.clear()
         self.single_sample_step = False
+        self._root_forward = None

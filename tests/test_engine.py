@@ -15,7 +15,7 @@ from dpkernels import MODES, SINGLE_PROCESS_MODES, PrivacyEngine
 from dpkernels.clipping import DPClippingModule, DPCriterion
 from dpkernels.errors import CriterionError, LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from dpkernels.models import MLP
-from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update
+from dpkernels.testing import Case, assert_rel_close, dp_update, make_private, oracle_update, total_norm
 
 MODE_NAMES = SINGLE_PROCESS_MODES
 MLP_CASE = Case("mlp", MLP, lambda B: (torch.randn(B, 12), torch.randint(0, 5, (B,))))
@@ -91,6 +91,27 @@ def test_single_sample_and_empty_batch(mode):
     assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
     optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "noise 0 and no samples: no change"
+
+
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_batch_other_than_the_expected_size_is_divided_by_the_expected_size(mode):
+    """Poisson sampling draws batches of any size: with mean reduction DP-SGD divides the clipped sum
+    by the expected batch size (the loader's, 8 here), not by the batch's own 5; and a mean-reduction
+    optimizer without an expected batch size is refused."""
+    torch.manual_seed(6)
+    model = MLP().double()
+    batch = mlp_batch(5, torch.float64)
+    C, expected, _ = oracle_update(model, batch, MLP_CASE, "mean")
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(8, torch.float64), MLP_CASE, mode, C, "mean")
+    assert optimizer.expected_batch_size == 8
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    criterion(dp_model(batch[0]), batch[1]).backward()
+    optimizer.step()
+    whole = total_norm(expected.values())
+    for n, p in model.named_parameters():
+        assert_rel_close(n, before[n] - p.detach(), expected[n] * 5 / 8, torch.float64, scale=whole)
+    with pytest.raises(ValueError, match="expected batch size"):
+        type(optimizer)(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=None, loss_reduction="mean")
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

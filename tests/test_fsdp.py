@@ -1,13 +1,14 @@
 """FSDP2: the *_fsdp modes on a model sharded with ``fully_shard`` give the update of a single process.
 
-Two processes (torch.multiprocessing; NCCL with one GPU each where 2 GPUs exist, else gloo on CPU)
-each train on half of one global batch with noise 0; the gathered parameters after one step must
-equal a single-process run of the matching mode on the whole batch (float32, 1e-5 relative).  Each
-rank clips its own samples with norms from its own activations: norms are never summed across ranks.
-Under FSDP2's bf16 mixed precision the update's error against the float64 oracle is bounded by a
-multiple of the error of plain (non-private) FSDP2 bf16 training against its own float64 reference.
-The model is a small Llama-style decoder from a transformers LlamaConfig (random weights): RMSNorm,
-an Embedding and an untied head; the sharding is the profiler's (``distributed.shard_blocks``).
+WORLD processes (2, or DPKERNELS_TEST_WORLD; torch.multiprocessing; NCCL with one GPU each where
+WORLD GPUs exist, else gloo on CPU) each train on their share of one global batch with noise 0;
+the gathered parameters after one step must equal a single-process run of the matching mode on the
+whole batch (float32, 1e-5 relative).  Each rank clips its own samples with norms from its own
+activations: norms are never summed across ranks.  Under FSDP2's bf16 mixed precision the update's
+error against the float64 oracle is bounded by a multiple of the error of plain (non-private) FSDP2
+bf16 training against its own float64 reference.  The model is a small Llama-style decoder from a
+transformers LlamaConfig (random weights): RMSNorm, an Embedding and an untied head; the sharding
+is the profiler's (``distributed.shard_blocks``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from dpkernels.testing import Case, assert_rel_close, dp_update, oracle_update, 
 
 pytestmark = pytest.mark.multigpu
 
-WORLD, B, T, VOCAB = 2, 6, 9, 37
+WORLD = int(os.environ.get("DPKERNELS_TEST_WORLD", "2"))  # ranks (4: the 4-GPU check); 2 in CI
+B, T, VOCAB = 3 * WORLD, 9, 37
 SPEC = LlamaSpec(vocab=VOCAB, hidden=16, layers=2, heads=2, intermediate=24, max_len=T)
 CASE = Case("llama", lambda: LlamaLM(SPEC), lambda n: (torch.randint(0, VOCAB, (n, T)), torch.randint(0, VOCAB, (n, T))), logits_of=lambda out: out.transpose(1, 2))
 FSDP_MODES = sorted(name for name, mode in MODES.items() if mode.fsdp)
@@ -180,12 +182,12 @@ def zero_gradient_noise_step(rank: int, device: torch.device, mode: str, reducti
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("mode", ["ghost_fsdp", "flash_bk_fsdp"])
 def test_fsdp_noise_is_added_once_with_the_global_scale(mode, reduction):
-    """Zero gradients on 2 ranks x 4 samples: every coordinate of the update is N(0, s^2) with
-    s = sigma C / 8 (mean over the global batch) or sigma C (sum); noise added by both ranks, or
-    scaled for one rank's batch, would be off by sqrt(2) or 2.  100,000 coordinates: the sample
+    """Zero gradients on WORLD ranks x 4 samples: every coordinate of the update is N(0, s^2) with
+    s = sigma C / (4 WORLD) (mean over the global batch) or sigma C (sum); noise added by every rank,
+    or scaled for one rank's batch, would be off by sqrt(WORLD) or WORLD.  100,000 coordinates: the sample
     standard deviation has a relative standard error of 0.22%, so the +-2% band is 9 of them wide
     (false alarm < 1e-18).  Both runs (the two reductions) draw their noise independently."""
-    sigma, clip, n = 1.3, 0.7, 8
+    sigma, clip, n = 1.3, 0.7, 4 * WORLD
     update = -run_ranks(functools.partial(zero_gradient_noise_step, mode=mode, reduction=reduction, sigma=sigma, clip=clip, n=n))["weight"]
     expected = sigma * clip / (n if reduction == "mean" else 1)
     assert abs(update.std().item() / expected - 1) < 0.02, (update.std().item(), expected)

@@ -3,8 +3,9 @@
 Every Opacus ``grad_sample_mode`` still goes to Opacus.  For a dpkernels mode (see ``dpkernels.modes``)
 ``make_private`` returns ``(model, optimizer, criterion, data_loader)`` like Opacus's ghost mode:
 the model is a :class:`DPClippingModule`, the optimizer Opacus's ``DPOptimizerFastGradientClipping``
-with its per-parameter loops batched (:class:`dpkernels.optimizer.DPOptimizer`: noise, scaling,
-accountant hook, ``secure_mode`` and ``noise_generator`` unchanged), and the criterion
+(``FSDPOptimizerFastGradientClipping`` for the *_fsdp modes) with its per-parameter loops batched and
+no copy of the gradients (:mod:`dpkernels.optimizer`: noise, scaling, accountant hook, ``secure_mode``
+and ``noise_generator`` unchanged), and the criterion
 a :class:`DPCriterion` whose ``backward()`` runs the mode's clipping.
 """
 
@@ -17,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from .clipping import DPClippingModule, DPCriterion, bookkeeping_backward, ghost_backward
 from .modes import MODES, get_mode
-from .optimizer import DPOptimizer
+from .optimizer import DPOptimizer, FSDPOptimizer
 
 
 class PrivacyEngine(opacus.PrivacyEngine):
@@ -59,15 +60,12 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 f"grad_sample_mode={grad_sample_mode!r} supports clipping='flat' on {where}; "
                 f"got clipping={clipping!r}, distributed={distributed}"
             )
-        if mode.fsdp:
-            # Opacus's FSDP optimizer: noise once per coordinate (each rank noises its own shard)
-            return super()._prepare_optimizer(
-                optimizer=optimizer, grad_sample_mode="ghost_fsdp", clipping=clipping, distributed=True, noise_generator=noise_generator, **kwargs
-            )
         if isinstance(optimizer, opacus.optimizers.DPOptimizer):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
-        return DPOptimizer(optimizer=optimizer, generator=generator, secure_mode=self.secure_mode, **kwargs)
+        # FSDP: Opacus's FSDP optimizer, noise once per coordinate (each rank noises its own shard)
+        optimizer_class = FSDPOptimizer if mode.fsdp else DPOptimizer
+        return optimizer_class(optimizer=optimizer, generator=generator, secure_mode=self.secure_mode, **kwargs)
 
     def _prepare_criterion(self, *, module, optimizer, criterion, loss_reduction: str = "mean", **kwargs):
         if not isinstance(module, DPClippingModule):

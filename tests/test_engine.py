@@ -447,3 +447,28 @@ def test_optimizer_matches_opacus_bit_for_bit(reduction, skipped):
                 optimizer.zero_grad()
         results.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_optimizer_step_holds_no_copy_of_the_gradients():
+    """Opacus copies every gradient into summed_grad at each step and keeps the copy until zero_grad;
+    dpkernels' optimizer refers to p.grad instead: its step's peak is lower by the gradients' size
+    (live-tensor tracker), and nothing is left in summed_grad after the step."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from dpkernels.optimizer import DPOptimizer
+    from dpkernels.profiling import peak_memory
+
+    model = nn.Linear(256, 256)
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks = {}
+    for cls in (DPOptimizer, DPOptimizerFastGradientClipping):
+        optimizer = cls(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        with peak_memory(torch.device("cpu")) as mem:
+            optimizer.step()
+        peaks[cls] = mem["peak_bytes"]
+        held = [p.summed_grad for p in model.parameters() if p.summed_grad is not None]
+        assert (not held) == (cls is DPOptimizer)
+        optimizer.zero_grad()
+    assert peaks[DPOptimizer] <= peaks[DPOptimizerFastGradientClipping] - grad_bytes

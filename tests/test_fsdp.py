@@ -176,6 +176,7 @@ def zero_gradient_noise_step(rank: int, device: torch.device, mode: str, reducti
     x = torch.randn(n // WORLD, 1000, device=device)
     criterion(dp_model(x) * 0, torch.zeros(n // WORLD, 100, device=device)).backward()
     optimizer.step()
+    assert all(state["summed_grad"] is None for state in optimizer.grad_state.values()), "no gradient copy is held after the step"
     return gathered(model)
 
 

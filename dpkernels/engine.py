@@ -7,9 +7,18 @@ the model is a :class:`DPClippingModule`, the optimizer Opacus's ``DPOptimizerFa
 no copy of the gradients (:mod:`dpkernels.optimizer`: noise, scaling, accountant hook, ``secure_mode``
 and ``noise_generator`` unchanged), and the criterion
 a :class:`DPCriterion` whose ``backward()`` runs the mode's clipping.
+
+Opacus's own modes (``hooks``, ``ew``, ``functorch``) return what Opacus returns for them, three
+objects ``(model, optimizer, data_loader)``, and train with the plain criterion.
+
+Refused in every mode, before anything is wrapped: BatchNorm layers (each named, with the fix).
+Warned once per ``make_private``: a flash mode whose model is not on a CUDA device (its Linear norms
+then come from the PyTorch tiling of the Triton kernels: the same numbers, not the kernels' speed).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import opacus
 from opacus.grad_sample import AbstractGradSampleModule
@@ -17,8 +26,38 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from .clipping import DPClippingModule, DPCriterion, bookkeeping_backward, ghost_backward
+from .errors import UnsupportedModuleError
+from .kernels.heuristics import interpreting
 from .modes import MODES, get_mode
 from .optimizer import DPOptimizer, FSDPOptimizer
+
+
+class FlashFallbackWarning(UserWarning):
+    """A flash mode runs without CUDA: Linear norms by the PyTorch tiling instead of Triton kernels."""
+
+
+def refuse_batch_norm(module: nn.Module) -> None:
+    """BatchNorm normalises each sample with statistics of the whole batch: no per-sample gradient exists."""
+    found = [f"{name or '(root)'} ({type(m).__name__})" for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if found:
+        raise UnsupportedModuleError(
+            f"BatchNorm mixes the samples of a batch, so DP-SGD cannot clip per sample: {', '.join(found)}. "
+            "Replace them before make_private with `model = opacus.validators.ModuleValidator.fix(model)` "
+            "(BatchNorm -> GroupNorm), then build the optimizer on the fixed model's parameters."
+        )
+
+
+def warn_flash_without_cuda(module: nn.Module, mode: str) -> None:
+    """One warning when a flash mode's Linear norms will not run as Triton kernels (see the module doc)."""
+    on_cuda = any(p.is_cuda for p in module.parameters())
+    if not on_cuda and not interpreting():
+        warnings.warn(
+            f"grad_sample_mode={mode!r}: the model is not on a CUDA device, so Linear per-sample norms run "
+            "the PyTorch tiling of the Triton kernels instead of Triton (exact, without the kernels' speed); "
+            "TRITON_INTERPRET=1 runs the Triton kernels through the interpreter instead",
+            FlashFallbackWarning,
+            stacklevel=5,
+        )
 
 
 class PrivacyEngine(opacus.PrivacyEngine):
@@ -38,6 +77,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
                 f"grad_sample_mode={mode.name!r} needs "
                 + ("a model sharded with torch.distributed.fsdp.fully_shard" if mode.fsdp else "a model not sharded with FSDP2 (use the *_fsdp modes)")
             )
+        if mode.linear_norm == "flash":
+            warn_flash_without_cuda(module, mode.name)
         return DPClippingModule(
             module,
             batch_first=kwargs.get("batch_first", True),
@@ -74,7 +115,15 @@ class PrivacyEngine(opacus.PrivacyEngine):
         return DPCriterion(module, criterion, loss_reduction, backward)
 
     def make_private(self, *, criterion=None, grad_sample_mode: str = "hooks", loss_reduction: str = "mean", **kwargs):
-        """As ``opacus.PrivacyEngine.make_private``; dpkernels modes return (model, optimizer, criterion, data_loader)."""
+        """As ``opacus.PrivacyEngine.make_private``.
+
+        Returns ``(model, optimizer, criterion, data_loader)`` for a dpkernels mode (``dpkernels.MODES``:
+        train with the returned criterion), and what Opacus returns for an Opacus mode: three objects,
+        ``(model, optimizer, data_loader)``, for ``hooks``, ``ew`` and ``functorch``.  Raises
+        ``UnsupportedModuleError`` for a model with BatchNorm layers, in every mode.
+        """
+        if "module" in kwargs:
+            refuse_batch_norm(kwargs["module"])
         criterion = nn.CrossEntropyLoss(reduction=loss_reduction) if criterion is None else criterion
         result = super().make_private(criterion=criterion, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction, **kwargs)
         if grad_sample_mode not in MODES or len(result) == 4:

@@ -3,8 +3,11 @@ experiments, and the memory breakdown adding up to the measured total (within TO
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -15,11 +18,12 @@ from dpkernels.__main__ import main as dpkernels_main
 from dpkernels.profiling import profile
 from dpkernels.profiling.breakdown import COMPONENTS, PHASES, TOLERANCE
 from dpkernels.profiling.profile import Progress, experiment_specs, main, measure, new_run_dir, run_matrix
+from dpkernels.profiling.report import summary_text
 from dpkernels.profiling.step import STEP_MODES
 
 TINY = ["--models", "linear", "--seq", "8", "--batch", "2", "--steps", "1", "--warmup", "1", "--no-plots"]
 RECORD_KEYS = {
-    "schema", "experiment", "status", "error", "config", "peak_memory_mb", "avg_time_ms", "tokens_per_s", "step_times_ms",
+    "schema", "experiment", "status", "error", "config", "peak_memory_mb", "median_time_ms", "avg_time_ms", "min_time_ms", "max_time_ms", "time_spread", "tokens_per_s", "step_times_ms",
     "breakdown", "snapshots", "run", "memory_source", "device", "versions", "started_at", "wall_s",
 }
 
@@ -102,7 +106,7 @@ def test_default_matrix_is_a_small_gpt_comparison_on_cpu():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
-    code = main([*TINY, "--modes", "nondp", "opacus_hooks", "bk", "--grad-accum", "2", "--out", str(out)])
+    code = main([*TINY, "--modes", "nondp", "opacus_hooks", "bk", "--grad-accum", "2", "--steps", "2", "--out", str(out)])
     (run_dir,) = out.iterdir()
     return code, run_dir
 
@@ -120,9 +124,9 @@ def test_run_writes_one_json_per_experiment_with_the_schema(tiny_run):
     for r in records:
         assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
         assert r["status"] == "ok" and r["memory_source"] == "tensor_tracker"
-        assert r["peak_memory_mb"] > 0 and r["avg_time_ms"] > 0 and len(r["step_times_ms"]) == 1
+        assert r["peak_memory_mb"] > 0 and len(r["step_times_ms"]) == 2 and all(t > 0 for t in r["step_times_ms"])
         assert set(r["breakdown"]["components_mb"]) == set(COMPONENTS)
-        assert r["run"]["steps"] == 2 and r["run"]["grad_accum"] == 2
+        assert r["run"]["steps"] == 3 and r["run"]["grad_accum"] == 2
         assert {s["phase"] for s in r["snapshots"]} <= set(PHASES)
         assert r["versions"]["torch"] == torch.__version__ and r["device"]["type"] == "cpu"
     assert not list(run_dir.glob("*.tmp")) and not list(run_dir.glob(".*"))
@@ -132,7 +136,7 @@ def test_run_timeline_has_every_micro_batch(tiny_run):
     _, run_dir = tiny_run
     nondp = json.loads((run_dir / "linear_T8_B2_nondp.json").read_text())
     forwards = [(s["step"], s["micro_batch"]) for s in nondp["run"]["snapshots"] if s["phase"] == "after_forward"]
-    assert forwards == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert forwards == [(step, micro) for step in range(3) for micro in range(2)]
 
 
 def test_summary_shows_ratios_and_both_measurements(tiny_run):
@@ -152,6 +156,78 @@ def test_plots_are_written(tmp_path, tiny_run):
     assert {p.name for p in paths} == {"memory_breakdown.png", "memory_timeline.png", "seq_scaling.png", "tradeoff.png", "overhead.png"}
     for p in paths:
         assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_timed_step_is_recorded_with_its_median_and_spread(tiny_run):
+    _, run_dir = tiny_run
+    for r in records_of(run_dir):
+        times = r["step_times_ms"]
+        assert r["median_time_ms"] == pytest.approx(statistics.median(times)) and r["avg_time_ms"] == pytest.approx(statistics.fmean(times))
+        assert (r["min_time_ms"], r["max_time_ms"]) == (min(times), max(times))
+        assert r["time_spread"] == pytest.approx((max(times) - min(times)) / statistics.median(times))
+        c = r["config"]
+        assert r["tokens_per_s"] == pytest.approx(c["global_batch"] * c["tokens"] / (r["median_time_ms"] / 1e3))
+
+
+def with_times(record: dict, times: list) -> dict:
+    return {**copy.deepcopy(record), "step_times_ms": list(times)}
+
+
+def time_row(text: str, experiment_mode: str) -> str:
+    (row,) = [line for line in text.splitlines() if line.split()[:2] == ["linear_T8_B2", experiment_mode]]
+    return row
+
+
+def test_summary_gives_median_and_range_and_flags_unsteady_ratios(tiny_run):
+    """The times seen in issue 14 (ghost 573, 1559, 1439 ms against nondp 775, 768, 514 ms) give a
+    flagged ratio; steady steps (within 10%) do not."""
+    _, run_dir = tiny_run
+    by_mode = {r["config"]["mode"]: r for r in records_of(run_dir)}
+    settings = json.loads((run_dir / "run.json").read_text())["settings"]
+    unsteady = [with_times(by_mode["nondp"], [775, 768, 514]), with_times(by_mode["bk"], [573, 1559, 1439]),
+                with_times(by_mode["opacus_hooks"], [800, 810, 790])]
+    text = summary_text(unsteady, settings)
+    bk = time_row(text, "bk")
+    assert "1439.00" in bk and "573.00-1559.00" in bk and "69%" in bk, bk  # median, min-max, spread
+    assert re.search(r" 1\.87\? ", bk), bk  # 1439 / 768, flagged
+    assert re.search(r" 1\.04\? ", time_row(text, "opacus_hooks"))  # steady itself, but nondp is not
+    assert "?: 2 time ratio(s)" in text and "10%" in text
+
+    steady = [with_times(by_mode["nondp"], [100, 104, 98]), with_times(by_mode["bk"], [200, 195, 210])]
+    text = summary_text(steady, settings)
+    assert re.search(r" 2\.00  ", time_row(text, "bk")) and "?:" not in text
+    assert "ms/step" in text and "min-max" in text and "spread" in text
+
+
+def test_plots_leave_no_bar_cut_and_tell_coinciding_lines_apart(tiny_run, monkeypatch, tmp_path):
+    """Every bar (with its error bar) ends below the top of its axis; every mode has its own marker and
+    colour, and two modes with identical memory (forced here) are still drawn apart on the timeline."""
+    from dpkernels.profiling import plots
+
+    _, run_dir = tiny_run
+    records = records_of(run_dir)
+    twin = copy.deepcopy(next(r for r in records if r["config"]["mode"] == "bk"))
+    twin["config"]["mode"] = "flash_bk"  # the same snapshots as bk: coinciding lines
+    records.append(twin)
+    figures = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path, legend_space=0.0: figures.__setitem__(path.name, fig))
+    plots.write_plots(records, tmp_path)
+    for name in ("memory_breakdown.png", "overhead.png"):
+        for ax in figures[name].axes:
+            bars = [patch for patch in ax.patches]
+            assert bars, name
+            assert max(b.get_y() + b.get_height() for b in bars) < ax.get_ylim()[1], f"{name}: a bar reaches the axis top"
+            for line in ax.lines:  # error bars
+                assert max(line.get_ydata(), default=0) < ax.get_ylim()[1]
+    for name in ("memory_timeline.png", "seq_scaling.png"):
+        ax = figures[name].axes[0]
+        lines = {line.get_label(): line for line in ax.lines}
+        assert len({(line.get_marker(), line.get_color()) for line in lines.values()}) == len(lines) == 4, name
+    timeline = {line.get_label(): line for line in figures["memory_timeline.png"].axes[0].lines}
+    assert list(timeline["bk"].get_ydata()) == list(timeline["flash_bk"].get_ydata())
+    assert all(a != b for a, b in zip(timeline["bk"].get_xdata(), timeline["flash_bk"].get_xdata()))
+    legend = figures["memory_timeline.png"].legends[0]
+    assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
 
 
 def test_a_rerun_gets_a_new_folder(tmp_path):

@@ -6,7 +6,11 @@
     tradeoff.png           run peak memory against time per step, one point per experiment
     overhead.png           time and memory as a multiple of nondp's, per mode and (model, T, B)
 
-Only experiments with status "ok" are drawn.  Memory in MB (2**20 bytes), time in ms per optimizer step.
+Only experiments with status "ok" are drawn.  Memory in MB (2**20 bytes), time in ms per optimizer step
+(the median of the timed steps; the overhead plot's error bars span the fastest to the slowest step).
+Every bar is labelled with its value and the y axis leaves room above the tallest; each mode has its
+own colour, marker and line style, and lines that coincide stay visible: hollow markers of decreasing
+size, and on the timeline a small horizontal offset per mode.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ import io
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from matplotlib.figure import Figure
 
 from .breakdown import COMPONENTS, PHASES
-from .report import SHORT, baselines, write_atomic
+from .report import SHORT, baselines, median_ms, write_atomic
 
 COLORS = {
     "parameters": "#4c72b0",
@@ -35,7 +39,27 @@ COLORS = {
 }
 
 LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LEGEND_FONT = 9
+HEADROOM = 1.15  # the y axis of a bar plot ends this far above its tallest bar
+
+
+def mode_styles(modes: List[str]) -> Dict[str, dict]:
+    """Colour, marker, line style and z-order per mode: the first modes get the largest hollow markers
+    and are drawn lowest, so a later mode on the same points shows inside an earlier one's marker."""
+    n = max(len(modes), 1)
+    return {
+        mode: {
+            "color": f"C{i % 10}",
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)],
+            "markersize": 11 - 6 * i / n,
+            "markerfacecolor": "none",
+            "markeredgewidth": 1.5,
+            "zorder": 2 + i,
+        }
+        for i, mode in enumerate(modes)
+    }
 
 
 def by_group(records: List[dict]) -> Dict[str, List[dict]]:
@@ -58,9 +82,19 @@ def grid(n: int, width: float = 5.0, height: float = 3.8):
 def bottom_legend(fig, ax, panels: int) -> float:
     """One legend for every panel, under them; returns the figure fraction it takes."""
     handles, labels = ax.get_legend_handles_labels()
-    ncol = min(len(labels), 3 * min(panels, 3))
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    return (0.2 * math.ceil(len(labels) / ncol) + 0.15) / fig.get_figheight()
+    ncol = max(1, min(len(labels), 4 * min(panels, 3)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=LEGEND_FONT, frameon=False)
+    return (0.27 * math.ceil(len(labels) / ncol) + 0.1) / fig.get_figheight()
+
+
+def label_bars(ax, xs: List[float], values: List[float], tops: Optional[List[float]] = None, fontsize: float = 7.5) -> None:
+    """Write each bar's value above it (above ``tops``: its error bar, if any) and end the y axis
+    HEADROOM above the highest, so that no bar is cut."""
+    tops = values if tops is None else tops
+    for x, value, top in zip(xs, values, tops):
+        ax.annotate(f"{value:.2f}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=fontsize)
+    ax.set_ylim(0, max(ax.get_ylim()[1] if ax.get_autoscaley_on() is False else 0.0, HEADROOM * max(tops, default=1.0)))
+    ax.set_autoscaley_on(False)
 
 
 def save(fig, path: Path, legend_space: float = 0.0) -> None:
@@ -75,14 +109,16 @@ def plot_breakdown(groups: Dict[str, List[dict]], path: Path) -> None:
     fig, axes = grid(len(groups))
     for ax, (group, records) in zip(axes, groups.items()):
         modes = [r["config"]["mode"] for r in records]
+        xs = list(range(len(records)))
         bottom = [0.0] * len(records)
         for part in (*COMPONENTS, "temporaries", "unattributed"):
             values = [max(0.0, r["breakdown"]["components_mb"][part] if part in COMPONENTS else r["breakdown"][f"{part}_mb"]) for r in records]
-            ax.bar(modes, values, bottom=bottom, color=COLORS[part], label=SHORT.get(part, part))
+            ax.bar(xs, values, bottom=bottom, color=COLORS[part], label=SHORT.get(part, part))
             bottom = [b + v for b, v in zip(bottom, values)]
+        label_bars(ax, xs, bottom)
+        ax.set_xticks(xs, modes, rotation=30, ha="right")
         ax.set_title(f"{group}: single-step peak")
         ax.set_ylabel("MB")
-        ax.tick_params(axis="x", rotation=30)
     save(fig, path, legend_space=bottom_legend(fig, axes[0], len(groups)))
 
 
@@ -92,15 +128,16 @@ def timeline_positions(records: List[dict]) -> Dict[tuple, int]:
     return {key: i for i, key in enumerate(sorted(keys))}
 
 
-def plot_timeline(groups: Dict[str, List[dict]], colors: Dict[str, str], path: Path) -> None:
+def plot_timeline(groups: Dict[str, List[dict]], styles: Dict[str, dict], path: Path) -> None:
     fig, axes = grid(len(groups), width=6.0)
     for ax, (group, records) in zip(axes, groups.items()):
         x_of = timeline_positions(records)
-        for r in records:
+        for i, r in enumerate(records):
             snaps = r["run"]["snapshots"]
-            xs = [x_of[(s["step"], s["micro_batch"], PHASES.index(s["phase"]))] for s in snaps]
+            offset = 0.3 * (i - (len(records) - 1) / 2) / max(len(records), 1)  # coinciding lines side by side
+            xs = [x_of[(s["step"], s["micro_batch"], PHASES.index(s["phase"]))] + offset for s in snaps]
             mode = r["config"]["mode"]
-            ax.plot(xs, [s["total_mb"] for s in snaps], marker=".", color=colors[mode], label=mode)
+            ax.plot(xs, [s["total_mb"] for s in snaps], label=mode, **{**styles[mode], "markersize": styles[mode]["markersize"] * 0.7})
         starts = [x for (step, micro, phase), x in x_of.items() if micro == 0 and phase == 0]
         ax.set_xticks(starts, [f"step {i}" for i in range(len(starts))])
         ax.set_title(f"{group}: memory at each phase of the run")
@@ -108,7 +145,8 @@ def plot_timeline(groups: Dict[str, List[dict]], colors: Dict[str, str], path: P
     save(fig, path, legend_space=bottom_legend(fig, axes[0], len(groups)))
 
 
-def plot_seq_scaling(records: List[dict], colors: Dict[str, str], path: Path) -> None:
+def plot_seq_scaling(records: List[dict], styles: Dict[str, dict], path: Path) -> None:
+    """Per (model, B) family and mode, one line; a family's lines share a line style when there are several families."""
     fig = Figure(figsize=(11, 4.2))
     ax_t, ax_m = fig.subplots(1, 2)
     lines: Dict[tuple, List[dict]] = defaultdict(list)
@@ -119,54 +157,68 @@ def plot_seq_scaling(records: List[dict], colors: Dict[str, str], path: Path) ->
     for (model, B, mode), rs in lines.items():
         rs = sorted(rs, key=lambda r: r["config"]["tokens"])
         T = [r["config"]["tokens"] for r in rs]
-        style = {"color": colors[mode], "marker": "o", "linestyle": LINESTYLES[families.index((model, B)) % len(LINESTYLES)]}
+        style = dict(styles[mode])
+        if len(families) > 1:
+            style["linestyle"] = LINESTYLES[families.index((model, B)) % len(LINESTYLES)]
         label = mode if len(families) == 1 else f"{model} B{B} {mode}"
-        ax_t.plot(T, [r["avg_time_ms"] for r in rs], label=label, **style)
+        ax_t.plot(T, [median_ms(r) for r in rs], label=label, **style)
         ax_m.plot(T, [r["peak_memory_mb"] for r in rs], **style)
-    for ax, what in ((ax_t, "ms per step"), (ax_m, "run peak MB")):
+    for ax, what in ((ax_t, "ms per step (median)"), (ax_m, "run peak MB")):
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel(what)
         ax.set_title(f"{what} against sequence length")
     save(fig, path, legend_space=bottom_legend(fig, ax_t, 2))
 
 
-def plot_tradeoff(records: List[dict], colors: Dict[str, str], path: Path) -> None:
-    fig = Figure(figsize=(6.5, 5))
+def plot_tradeoff(records: List[dict], styles: Dict[str, dict], path: Path) -> None:
+    """Colour and marker size by mode (hollow, so coinciding points stay visible), a fill pattern by group."""
+    fig = Figure(figsize=(7, 5.5))
     ax = fig.subplots()
     groups = list(dict.fromkeys(r["config"]["group"] for r in records))
     for r in records:
+        st = styles[r["config"]["mode"]]
         marker = MARKERS[groups.index(r["config"]["group"]) % len(MARKERS)]
-        ax.scatter(r["avg_time_ms"], r["peak_memory_mb"], color=colors[r["config"]["mode"]], marker=marker)
-    for mode, color in colors.items():
-        ax.scatter([], [], color=color, marker="o", label=mode)
+        ax.plot([median_ms(r)], [r["peak_memory_mb"]], linestyle="none", marker=marker, color=st["color"],
+                markersize=st["markersize"], markerfacecolor="none", markeredgewidth=1.5, zorder=st["zorder"])
+    for mode, st in styles.items():
+        ax.plot([], [], linestyle="none", marker="o", color=st["color"], markersize=st["markersize"], markerfacecolor="none", label=mode)
     for i, group in enumerate(groups):
-        ax.scatter([], [], color="gray", marker=MARKERS[i % len(MARKERS)], label=group)
-    ax.set_xlabel("ms per step")
+        ax.plot([], [], linestyle="none", color="gray", marker=MARKERS[i % len(MARKERS)], markerfacecolor="none", label=group)
+    ax.set_xlabel("ms per step (median)")
     ax.set_ylabel("run peak MB")
     ax.set_title("time / memory trade-off (lower left is better)")
     save(fig, path, legend_space=bottom_legend(fig, ax, 1))
 
 
 def plot_overhead(records: List[dict], path: Path) -> None:
+    """Bars: the median time and the run peak as multiples of nondp's; time's error bar spans the
+    slowest and the fastest step of the mode against nondp's median."""
     base = baselines(records)
     dp = [r for r in records if r["config"]["mode"] != "nondp" and r["config"]["group"] in base]
     modes = list(dict.fromkeys(r["config"]["mode"] for r in dp))
     groups = list(dict.fromkeys(r["config"]["group"] for r in dp))
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(12, 4.8))
     axes = fig.subplots(1, 2)
     width = 0.8 / max(len(groups), 1)
     for j, group in enumerate(groups):
         rs = {r["config"]["mode"]: r for r in dp if r["config"]["group"] == group}
         xs = [i + j * width for i, m in enumerate(modes) if m in rs]
-        for ax, key in zip(axes, ("avg_time_ms", "peak_memory_mb")):
-            ax.bar(xs, [rs[m][key] / base[group][key] for m in modes if m in rs], width, label=group)
-    for ax, what in zip(axes, ("time", "run peak memory")):
+        t_base = median_ms(base[group])
+        times = [median_ms(rs[m]) / t_base for m in modes if m in rs]
+        low = [t - min(rs[m]["step_times_ms"]) / t_base for t, m in zip(times, (m for m in modes if m in rs))]
+        high = [max(rs[m]["step_times_ms"]) / t_base - t for t, m in zip(times, (m for m in modes if m in rs))]
+        memory = [rs[m]["peak_memory_mb"] / base[group]["peak_memory_mb"] for m in modes if m in rs]
+        axes[0].bar(xs, times, width, yerr=[low, high], capsize=2, error_kw={"linewidth": 0.8}, color=f"C{j % 10}", label=group)
+        axes[1].bar(xs, memory, width, color=f"C{j % 10}")
+        size = 6.5 if len(groups) > 2 else 7.5
+        label_bars(axes[0], xs, times, [t + h for t, h in zip(times, high)], fontsize=size)
+        label_bars(axes[1], xs, memory, fontsize=size)
+    for ax, what in zip(axes, ("time (median)", "run peak memory")):
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(modes))], modes, rotation=30)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(modes))], modes, rotation=30, ha="right")
         ax.set_ylabel(f"{what} (x nondp)")
         ax.set_title(f"{what} as a multiple of nondp's")
-    axes[0].legend(fontsize=7)
-    save(fig, path)
+    save(fig, path, legend_space=bottom_legend(fig, axes[0], 2))
 
 
 def write_plots(records: List[dict], folder: Path) -> List[Path]:
@@ -175,13 +227,13 @@ def write_plots(records: List[dict], folder: Path) -> List[Path]:
     if not ok:
         return []
     groups = by_group(ok)
-    colors = {mode: f"C{i % 10}" for i, mode in enumerate(dict.fromkeys(r["config"]["mode"] for r in ok))}
+    styles = mode_styles(list(dict.fromkeys(r["config"]["mode"] for r in ok)))
     paths = []
     for name, draw in (
         ("memory_breakdown.png", lambda p: plot_breakdown(groups, p)),
-        ("memory_timeline.png", lambda p: plot_timeline(groups, colors, p)),
-        ("seq_scaling.png", lambda p: plot_seq_scaling(ok, colors, p)),
-        ("tradeoff.png", lambda p: plot_tradeoff(ok, colors, p)),
+        ("memory_timeline.png", lambda p: plot_timeline(groups, styles, p)),
+        ("seq_scaling.png", lambda p: plot_seq_scaling(ok, styles, p)),
+        ("tradeoff.png", lambda p: plot_tradeoff(ok, styles, p)),
         ("overhead.png", lambda p: plot_overhead(ok, p)),
     ):
         draw(folder / name)

@@ -6,8 +6,10 @@ An experiment is one (mode, model, sequence length, batch size).  Its worker pro
          phase; ``breakdown``: the step's peak by component (see ``profiling.breakdown``)
   run    a fresh model, --warmup + --steps optimizer steps of --grad-accum micro-batches each;
          ``peak_memory_mb``: the peak over the whole run (and, on CUDA, ``max_memory_reserved``)
-  time   --steps more steps of the same run, without instrumentation; ``avg_time_ms``: the mean
-         wall time of one optimizer step (all its micro-batches), synchronised on CUDA
+  time   --steps more steps of the same run, without instrumentation, each timed: ``step_times_ms``
+         lists the wall time of every timed optimizer step (all its micro-batches, synchronised on
+         CUDA); ``median_time_ms``, ``avg_time_ms`` (mean), ``min_time_ms``, ``max_time_ms`` and
+         ``time_spread`` ((max - min) / median) summarise them, and ``tokens_per_s`` uses the median
 
 With --gpus N (or a ``*_fsdp`` mode) an experiment is N processes started by torchrun, one GPU each
 (gloo processes on CPU), on a model sharded with FSDP2 (``distributed.shard_blocks``; --amp bf16 is
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -42,9 +45,10 @@ from ..models import workloads
 from . import distributed, environment, step
 from .breakdown import COMPONENTS, MB, Meter, Recorder, instrumented_step, step_breakdown
 from .plots import write_plots
-from .report import write_atomic, write_summary
+from .report import TIME_KEYS, time_stats, write_atomic, write_summary
 
 MODELS = ("gpt", "llama", "llama3", "bert", "dit", "linear")
+TRANSFORMERS_MODELS = ("llama", "llama3", "bert")  # need the `models` extra
 ALIASES = {"hooks": "opacus_hooks", "vanilla": "nondp"}
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SEQ = {"small": (64, 128), "full": (1024, 2048, 4096)}
@@ -185,6 +189,10 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    from_transformers = [m for m in models if m in TRANSFORMERS_MODELS]
+    if from_transformers and importlib.util.find_spec("transformers") is None:
+        parser.error(f"models {', '.join(from_transformers)} are built from transformers configs, and transformers is not installed: "
+                     "pip install -e '.[models]' (or choose from gpt, dit, linear)")
     modes = canonical_modes(args.modes, parser) if args.modes else (preset_modes(preset) if preset else list(step.STEP_MODES))
     gpus = args.gpus or preset.get("gpus", 1)
     if gpus > 1 and any(m not in step.SHARDED_MODES for m in modes):
@@ -335,7 +343,7 @@ def base_record(spec: dict, probe: bool = True, device: Optional[torch.device] =
     device = device or torch.device(spec["device"])
     return {
         "schema": 1, "experiment": spec["experiment"], "status": "failed", "error": None, "config": config,
-        "peak_memory_mb": None, "avg_time_ms": None, "tokens_per_s": None, "step_times_ms": [], "breakdown": None, "snapshots": [],
+        "peak_memory_mb": None, **dict.fromkeys(TIME_KEYS), "tokens_per_s": None, "step_times_ms": [], "breakdown": None, "snapshots": [],
         "run": None, "memory_source": "cuda_allocator" if device.type == "cuda" else "tensor_tracker",
         "device": device_info(device, probe), "versions": versions(probe), "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "wall_s": None,
@@ -368,11 +376,12 @@ def run_experiment(spec: dict, device: torch.device) -> dict:
 
 
 def add_throughput(record: dict) -> dict:
-    """avg_time_ms, and the global batch and tokens per second of one optimizer step."""
+    """The step times' summary (``report.time_stats``), the global batch, and tokens per second of
+    one optimizer step at the median time."""
     c = record["config"]
-    record["avg_time_ms"] = sum(record["step_times_ms"]) / len(record["step_times_ms"])
+    record.update(time_stats(record["step_times_ms"]))
     c["global_batch"] = c["batch"] * c["gpus"] * c["grad_accum"]
-    record["tokens_per_s"] = c["global_batch"] * c["tokens"] / (record["avg_time_ms"] / 1e3)
+    record["tokens_per_s"] = c["global_batch"] * c["tokens"] / (record["median_time_ms"] / 1e3)
     return record
 
 

@@ -2,7 +2,9 @@
 
 The summary has four tables (memory in MB = 2**20 bytes, time in ms per optimizer step):
   1. time, tokens per second and memory of every experiment, with ratios against ``nondp`` of the
-     same model, T, B
+     same model, T, B.  Time is the median of the timed steps, shown with their range (min-max) and
+     spread ((max - min) / median); a time ratio is flagged "?" when the steps of either side spread
+     by more than UNSTEADY (the ratio is then uncertain by about as much)
   2. the single-step breakdown of each step's peak (components at its largest snapshot + temporaries)
   3. single step vs whole run: the two peaks side by side and what makes them differ
   4. failures (status and the first line of the error)
@@ -11,6 +13,7 @@ The summary has four tables (memory in MB = 2**20 bytes, time in ms per optimize
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -37,6 +40,33 @@ WHY = {
     "parameters": "parameters",
     "batch": "batch",
 }
+
+
+# a time ratio is flagged when the timed steps of either side spread by more than this fraction
+UNSTEADY = 0.10
+TIME_KEYS = ("median_time_ms", "avg_time_ms", "min_time_ms", "max_time_ms", "time_spread")
+
+
+def time_stats(times_ms: List[float]) -> Dict[str, float]:
+    """The timed steps' median, mean, min, max and spread = (max - min) / median (0 for one step)."""
+    median = statistics.median(times_ms)
+    return {
+        "median_time_ms": median,
+        "avg_time_ms": statistics.fmean(times_ms),
+        "min_time_ms": min(times_ms),
+        "max_time_ms": max(times_ms),
+        "time_spread": (max(times_ms) - min(times_ms)) / median,
+    }
+
+
+def median_ms(record: dict) -> float:
+    """The median time of a finished experiment's timed steps."""
+    return statistics.median(record["step_times_ms"])
+
+
+def unsteady(record: dict) -> bool:
+    """More than UNSTEADY between the fastest and the slowest timed step, relative to the median."""
+    return len(record["step_times_ms"]) > 1 and time_stats(record["step_times_ms"])["time_spread"] > UNSTEADY
 
 
 def current_umask() -> int:
@@ -80,16 +110,30 @@ def fmt(value: Optional[float], spec: str = "9.2f") -> str:
 def table_time_memory(records: List[dict]) -> List[str]:
     base = baselines(records)
     lines = [
-        "Time and memory (x nondp: ratio against nondp of the same model, T, B)",
-        f"{'group':18} {'mode':13} {'status':7} {'ms/step':>9} {'x nondp':>8} {'tokens/s':>10} {'step peak MB':>13} {'run peak MB':>12} {'x nondp':>8}",
+        "Time and memory (x nondp: ratio against nondp of the same model, T, B; ms/step: median of the timed steps,",
+        f"min-max: the fastest and the slowest, spread: (max - min) / median; ? : a spread over {UNSTEADY:.0%} on either side)",
+        f"{'group':18} {'mode':13} {'status':7} {'ms/step':>9} {'min-max':>17} {'spread':>6} {'x nondp':>8} {'tokens/s':>10} "
+        f"{'step peak MB':>13} {'run peak MB':>12} {'x nondp':>8}",
     ]
+    flagged = 0
     for r in records:
         b = base.get(r["config"]["group"], {})
         step_peak = (r["breakdown"] or {}).get("peak_mb")
+        times = time_stats(r["step_times_ms"]) if r["step_times_ms"] else dict.fromkeys(TIME_KEYS)
+        span = f"{times['min_time_ms']:.2f}-{times['max_time_ms']:.2f}" if r["step_times_ms"] else "-"
+        spread = f"{times['time_spread']:.0%}" if len(r["step_times_ms"]) > 1 else "-"
+        time_ratio = ratio(times["median_time_ms"], median_ms(b) if b else None)
+        flag = time_ratio is not None and r is not b and (unsteady(r) or unsteady(b))
+        flagged += flag
         lines.append(
-            f"{r['config']['group']:18} {r['config']['mode']:13} {r['status']:7} {fmt(r['avg_time_ms'])} "
-            f"{fmt(ratio(r['avg_time_ms'], b.get('avg_time_ms')), '8.2f')} {fmt(r.get('tokens_per_s'), '10.0f')} {fmt(step_peak, '13.2f')} "
+            f"{r['config']['group']:18} {r['config']['mode']:13} {r['status']:7} {fmt(times['median_time_ms'])} {span:>17} {spread:>6} "
+            f"{fmt(time_ratio, '7.2f')}{'?' if flag else ' '} {fmt(r.get('tokens_per_s'), '10.0f')} {fmt(step_peak, '13.2f')} "
             f"{fmt(r['peak_memory_mb'], '12.2f')} {fmt(ratio(r['peak_memory_mb'], b.get('peak_memory_mb')), '8.2f')}"
+        )
+    if flagged:
+        lines.append(
+            f"?: {flagged} time ratio(s) from steps that spread by more than {UNSTEADY:.0%}: uncertain by about as much; "
+            "rerun with more --steps on an idle machine"
         )
     return lines
 
@@ -166,7 +210,7 @@ def header(records: List[dict], settings: dict) -> List[str]:
         f"settings: preset {settings['preset'] or '-'}, size {settings['size']}, steps {settings['steps']} (+{settings['warmup']} warm-up), "
         f"grad-accum {settings['grad_accum']}, optimizer {settings['optimizer']}, amp {settings['amp']}, gpus {settings.get('gpus', 1)}"
         + (" (FSDP2: peak memory of the largest rank, time of the slowest)" if settings.get("gpus", 1) > 1 else ""),
-        f"memory: {source[r['memory_source']]}; time: mean wall time of one optimizer step",
+        f"memory: {source[r['memory_source']]}; time: wall time of each of the {settings['steps']} timed optimizer steps (every step in the JSON)",
     ]
 
 

@@ -62,6 +62,16 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", profile.TRANSFORMERS_MODELS)
+def test_a_transformers_model_without_transformers_names_the_extra(model, monkeypatch, capsys):
+    real_find_spec = profile.importlib.util.find_spec
+    monkeypatch.setattr(profile.importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--models", "gpt", model, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"models {model} are built from transformers configs" in err and ".[models]" in err
+
+
 def test_cuda_without_a_gpu_exits_2(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is available")

@@ -134,7 +134,7 @@ def plot_timeline(groups: Dict[str, List[dict]], styles: Dict[str, dict], path: 
         x_of = timeline_positions(records)
         for i, r in enumerate(records):
             snaps = r["run"]["snapshots"]
-            offset = 0.3 * (i - (len(records) - 1) / 2) / max(len(records), 1)  # coinciding lines side by side
+            offset = 0.45 * (i - (len(records) - 1) / 2) / max(len(records), 1)  # coinciding lines side by side
             xs = [x_of[(s["step"], s["micro_batch"], PHASES.index(s["phase"]))] + offset for s in snaps]
             mode = r["config"]["mode"]
             ax.plot(xs, [s["total_mb"] for s in snaps], label=mode, **{**styles[mode], "markersize": styles[mode]["markersize"] * 0.7})

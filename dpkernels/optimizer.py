@@ -149,6 +149,7 @@ class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
             else:
                 state["summed_grad"].add_(p.grad.data)
 
+    @torch.no_grad()  # DTensor.to_local is then the local tensor itself, not an autograd function call
     def add_noise(self) -> None:
         """p.grad = the sum (shard) + this rank's noise, added in place; the sums are released."""
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
@@ -166,6 +167,7 @@ class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
             p.grad = s
             self.grad_state[p]["summed_grad"] = None
 
+    @torch.no_grad()
     def scale_grad(self) -> None:
         """Divide the shards by the expected batch size (times accumulated iterations) under mean reduction."""
         shards = [local_shard(p.grad) for p in self.params]

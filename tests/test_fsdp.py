@@ -24,11 +24,15 @@ import collections
 import copy
 import datetime
 import functools
+import json
 import os
 import queue
 import socket
+import subprocess
+import sys
 import traceback
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
@@ -391,3 +395,30 @@ def test_bucketed_mean_over_ranks_equals_the_exact_mean(ranks, bucket_bytes):
     if bucket_bytes == 2**20:
         reductions = sum(v for k, v in out["collectives"].items() if any(s in k for s in ("allreduce", "all_reduce", "reduce_scatter")))
         assert reductions == 2, f"one collective for the row-sharded parameters, one for the Shard(1) one: {out['collectives']}"
+
+
+def test_phase_profile_of_fsdp_steps(tmp_path):
+    """``python -m dpkernels.profiling.distributed`` under torchrun (WORLD gloo ranks, a small stack of
+    Linear layers: Opacus's optimizer fails where a rank's shard is empty): every phase timed on every
+    rank; bookkeeping's mean over ranks is one collective for this model, the noise none, and Opacus's
+    FSDP optimizer can stand in for ours."""
+    out = tmp_path / "phases.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}", "-m", "dpkernels.profiling.distributed",
+           "--model", "linear", "--seq", "8", "--batch", "2", "--steps", "2", "--amp", "none", "--modes", "nondp", "bk_fsdp", "ghost_fsdp:opacus", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["config"]["gpus"] == WORLD and record["config"]["global_batch"] == 2 * WORLD
+    phases = {"nondp": ["forward", "backward", "optimizer", "zero_grad"]}
+    phases["bk_fsdp"] = phases["ghost_fsdp:opacus"] = ["forward", "norm_pass", "clipped_grads", "noise", "optimizer", "zero_grad"]
+    for result in record["modes"]:
+        mode = result["mode"]
+        assert "error" not in result, result
+        assert list(result["host_ms"]) == phases[mode] + ["step"], result["host_ms"]
+        assert all(len(ranks) == WORLD and min(ranks) > 0 for ranks in result["host_ms"].values())
+        ops = result["ops_rank0"]
+        assert not any("c10d" in k for k in ops.get("noise", {})), ops
+        if mode == "bk_fsdp":
+            reductions = {k: v for k, v in ops["clipped_grads"].items() if "allreduce" in k and "MB" not in k}
+            assert reductions == {"c10d.allreduce_": 1}, ops["clipped_grads"]

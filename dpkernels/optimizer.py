@@ -1,14 +1,15 @@
 """Opacus's fast-gradient-clipping optimizers with their per-parameter loops batched and without
 the copy of every gradient at each step.
 
-Behaviour is Opacus's to the bit (same noise from ``_generate_noise`` per parameter, in the same
-order, so ``secure_mode`` and ``generator`` are honoured; the same sums and scaling):
+DPOptimizer's behaviour is Opacus's to the bit (same noise from ``_generate_noise`` per parameter, in
+the same order, so ``secure_mode`` and ``generator`` are honoured; the same sums and scaling):
 
   DPOptimizer     ``DPOptimizerFastGradientClipping``: the noise addition and the division by the
                   expected batch size are one multi-tensor (``torch._foreach_*``) operation each
                   instead of one per parameter (the launches otherwise dominate a short step of a
                   model of many small parameters)
-  FSDPOptimizer   ``FSDPOptimizerFastGradientClipping`` (FSDP2: each rank noises its own shards)
+  FSDPOptimizer   ``FSDPOptimizerFastGradientClipping`` (FSDP2), but each rank draws only its own
+                  shards' noise, from its own generator stream (see ``rank_generator``)
 
 Opacus copies every gradient into ``summed_grad`` at each step and keeps the copy until
 ``zero_grad``: one gradient-sized buffer more at the optimizer step (14 GiB per GPU for Llama-3-8B on
@@ -19,9 +20,12 @@ replaced it.  Skipped steps still accumulate into a copy, as Opacus does.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping, FSDPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from torch.distributed.tensor import DTensor, Shard
 
 
 def first_sum(optimizer, grad: torch.Tensor) -> torch.Tensor:
@@ -64,8 +68,78 @@ class DPOptimizer(DPOptimizerFastGradientClipping):
             torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
 
 
+MASK64 = 2**64 - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64's output function: a bijection of the 64-bit integers whose outputs for nearby
+    inputs look independent (used to turn generator states into seeds)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def draw_seed(generator: torch.Generator) -> int:
+    """A 64-bit integer drawn from ``generator``, which moves on: equal on ranks whose generators are in
+    equal states, and without a host synchronisation.
+
+    A Philox generator (CUDA) keeps its whole state, (seed, offset), on the host: the draw is a hash of
+    that state, and the offset advances by one Philox block (4).  Other generators (CPU's Mersenne
+    twister) draw an integer; on a device without host-side state that costs one synchronisation.
+    """
+    try:
+        offset = generator.get_offset()
+    except RuntimeError:  # not a Philox generator
+        return int(torch.randint(2**63 - 1, (), generator=generator, device=generator.device))
+    generator.set_offset(offset + 4)
+    return splitmix64(generator.initial_seed() ^ splitmix64(offset))
+
+
+def rank_generator(generator: Optional[torch.Generator], device: torch.device, rank: int) -> torch.Generator:
+    """This rank's noise generator for one step: seeded with (h + rank) mod 2^64, h = splitmix64 of a
+    draw from ``generator`` (the device's default generator if None, as Opacus's noise uses).
+
+    Why the shards' noise is independent: on ranks whose generators are in one state (a user's seeded
+    generator, or ``torch.manual_seed`` everywhere) h is equal, so the ranks' seeds are distinct, also
+    in their low 32 bits (the CPU generator keeps only those); on ranks whose generators differ, h
+    differs.  Distinct seeds key distinct Philox streams (CUDA) or Mersenne twister states (CPU), which
+    are independent by those generators' design.  Each step draws a new h: two (step, rank) pairs share
+    a seed only if two draws differ by less than the world size (probability < 2 W / 2^64 per pair of
+    steps).  A seeded run is reproducible: the seeds are a function of the user's generator's states.
+    """
+    if generator is None:
+        generator = torch.default_generator if device.type == "cpu" else torch.get_device_module(device).default_generators[device.index]
+    seed = (splitmix64(draw_seed(generator)) + rank) & MASK64
+    return torch.Generator(device).manual_seed(seed)
+
+
+def local_shard(grad: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of an FSDP2 gradient (a DTensor sharded on every mesh dimension), as a
+    plain tensor sharing its storage; anything else (replicated, as in HSDP, or not a DTensor) would
+    need the same noise on several ranks and is refused."""
+    if not isinstance(grad, DTensor) or not all(isinstance(pl, Shard) for pl in grad.placements):
+        what = f"placements {tuple(grad.placements)}" if isinstance(grad, DTensor) else "a plain tensor"
+        raise ValueError(
+            f"FSDPOptimizer: a gradient of shape {tuple(grad.shape)} is {what}; every parameter must be an "
+            "FSDP2 shard (fully_shard on a 1-D mesh, a DTensor with Shard placements): each rank noises "
+            "only its own shard"
+        )
+    return grad.to_local()
+
+
 class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
-    """``FSDPOptimizerFastGradientClipping`` without the copy of every gradient shard at each step."""
+    """``FSDPOptimizerFastGradientClipping`` where each rank draws the noise of its own shards only, on
+    plain local tensors, and keeps no copy of the gradient shards.
+
+    Opacus draws noise of every parameter's full shape on every rank and keeps its shard: W times the
+    noise (and a full-shape zeros, division and addition per parameter) that one step needs, a cost per
+    rank that sharding does not divide.  Here rank r adds N(0, s^2) to its shard only, from its own
+    generator (``rank_generator``), with s = sigma C / W under mean reduction (the gradient is the mean
+    over ranks of per-rank sums, later divided by the per-rank expected batch) and sigma C under sum:
+    every coordinate is noised once, by the rank that owns it.  ``secure_mode`` draws from the engine's
+    secure generator (Opacus's 4-sample construction), each rank from its own secure source.
+    """
 
     def accumulate(self) -> None:
         for p in self.params:
@@ -75,8 +149,27 @@ class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
             else:
                 state["summed_grad"].add_(p.grad.data)
 
+    @torch.no_grad()  # DTensor.to_local is then the local tensor itself, not an autograd function call
     def add_noise(self) -> None:
-        """Opacus's noise, then the sums are released (the noisy gradients have replaced them)."""
-        super().add_noise()
-        for p in self.params:
+        """p.grad = the sum (shard) + this rank's noise, added in place; the sums are released."""
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = sigma * self.max_grad_norm / (self.world_size if self.loss_reduction == "mean" else 1)
+        summed = [self.grad_state[p]["summed_grad"] for p in self.params]
+        shards = [local_shard(s) for s in summed]
+        if std != 0 and shards:
+            generator = self.generator if self.secure_mode else rank_generator(self.generator, shards[0].device, self.rank)
+            for x in shards:  # one shard's noise at a time: a shard-sized temporary, not the model's
+                if self.secure_mode:
+                    x.add_(_generate_noise(std=std, reference=x, generator=generator, secure_mode=True))
+                else:
+                    x.add_(torch.empty_like(x).normal_(0, std, generator=generator))
+        for p, s in zip(self.params, summed):
+            p.grad = s
             self.grad_state[p]["summed_grad"] = None
+
+    @torch.no_grad()
+    def scale_grad(self) -> None:
+        """Divide the shards by the expected batch size (times accumulated iterations) under mean reduction."""
+        shards = [local_shard(p.grad) for p in self.params]
+        if self.loss_reduction == "mean" and shards:
+            torch._foreach_div_(shards, self.expected_batch_size * self.accumulated_iterations)

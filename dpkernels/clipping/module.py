@@ -25,7 +25,6 @@ from typing import Dict, List, Tuple
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.utils._pytree import tree_map
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
@@ -33,6 +32,7 @@ from ..layers import layer_type, rule_for, samples_of
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from ..reference import clip_coefficients
 from .root import RootForward, rng_states, root_parameter_names
+from .sharded import mean_over_ranks_into_shards
 
 
 def trainable_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -82,18 +82,6 @@ def check_untied(model: nn.Module) -> None:
             "of a shared parameter need the sum of its gradients from every use; untie them "
             "(copy the weight) or freeze them."
         )
-
-
-def mean_over_ranks_into_shards(g: torch.Tensor, p: DTensor) -> DTensor:
-    """This rank's full-size clipped sum -> the mean over ranks, sharded like ``p`` (FSDP2's reduction).
-
-    On NCCL one reduce-scatter; gloo has none, so an all-reduce then the local shard.
-    """
-    mesh = p.device_mesh
-    partial = DTensor.from_local(g / mesh.size(), mesh, [Partial()] * mesh.ndim, run_check=False)
-    if torch.distributed.get_backend(mesh.get_group()) == "gloo":
-        partial = partial.redistribute(mesh, [Replicate()] * mesh.ndim)
-    return partial.redistribute(mesh, p.placements)
 
 
 class DPClippingModule(GradSampleModuleFastGradientClipping):
@@ -297,12 +285,11 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         """Bookkeeping: p.grad += sum_i c_i g_i for every kept layer (uses, then drops, the views)."""
         kept, self._kept[:] = list(self._kept), []
         scaled = {scale: coef * scale for scale in {scale for _, scale in kept}}
-        for view, scale in kept:
-            for p, g in view.clipped_grad(scaled[scale]).items():
-                g = g.to(p.dtype)
-                if isinstance(p, DTensor):
-                    g = mean_over_ranks_into_shards(g, p)
-                p.grad = g if p.grad is None else p.grad + g
+        clipped = ((p, g.to(p.dtype)) for view, scale in kept for p, g in view.clipped_grad(scaled[scale]).items())
+        if self.sharded:  # FSDP2: the mean over ranks, bucketed, into the shards (clipping/sharded.py)
+            clipped = mean_over_ranks_into_shards(clipped)
+        for p, g in clipped:
+            p.grad = g if p.grad is None else p.grad + g
 
     def fill_missing_grads(self) -> None:
         """Give every trainable parameter without a gradient a zero one (it still gets noise)."""

@@ -455,7 +455,7 @@ def test_interpreter_tests_pass_in_a_subprocess(request):
     (read when the kernels are decorated, so not settable here): all pass and some ran."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", HYPOTHESIS_PROFILE=request.config.getoption("hypothesis_profile", None) or os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-    command = [sys.executable, "-m", "pytest", __file__, "-m", "interpreter", "-q", "-p", "no:cacheprovider", "-c", str(root / "pytest.ini"), "--rootdir", str(root)]
+    command = [sys.executable, "-m", "pytest", __file__, "-m", "interpreter", "-x", "-q", "-p", "no:cacheprovider", "-c", str(root / "pytest.ini"), "--rootdir", str(root)]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, f"the interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"

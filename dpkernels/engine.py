@@ -126,6 +126,8 @@ class PrivacyEngine(opacus.PrivacyEngine):
             refuse_batch_norm(kwargs["module"])
         criterion = nn.CrossEntropyLoss(reduction=loss_reduction) if criterion is None else criterion
         result = super().make_private(criterion=criterion, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction, **kwargs)
+        if grad_sample_mode in MODES and isinstance(result[1], DPOptimizer):
+            result[1].clipped_by(result[0])  # the parameters it may step: those the model clips
         if grad_sample_mode not in MODES or len(result) == 4:
             return result
         module, optimizer, data_loader = result

@@ -1,6 +1,8 @@
 """The float64 per-sample oracle that tests and benchmarks compare against.
 
 Everything here is deliberately slow and obvious: one autograd call per sample, in float64.
+It shares no code with the implementation: the clip rule, its epsilon and every reduction are
+stated here on their own (tests/test_oracle.py fails if this file imports dpkernels or opacus).
 
     per-sample gradient   g_i = d loss_i / d theta            (a loop over samples)
     clipping coefficient  c_i = min(1, C / (||g_i|| + 1e-6))    (Opacus's rule)
@@ -15,12 +17,13 @@ from typing import Callable, Dict, Sequence
 import torch
 from torch import nn
 
-CLIP_EPS = 1e-6
+CLIP_EPS = 1e-6  # Opacus's epsilon in c_i, restated here (never imported from the implementation)
 
 
 def clip_coefficients(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """c_i = min(1, C / (||g_i|| + 1e-6)), Opacus's flat clipping rule.  norms: [B] -> [B]."""
-    return (max_grad_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+    """c_i = min(1, C / (||g_i|| + 1e-6)), Opacus's flat clipping rule, in float64.  norms: [B] -> [B]."""
+    ratio = max_grad_norm / (norms.double() + CLIP_EPS)
+    return torch.minimum(ratio, torch.ones_like(ratio))
 
 
 def float64_copy(module: nn.Module) -> nn.Module:

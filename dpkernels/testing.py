@@ -103,9 +103,9 @@ def sample_loss_fn(case: Case, reduction: str):
     return sample_loss
 
 
-def make_private(model, batch, case: Case, mode: str, max_grad_norm: float, reduction: str, noise=0.0, **kwargs):
-    """dpkernels.PrivacyEngine.make_private on an SGD(lr=1) optimizer and a one-batch loader."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+def make_private(model, batch, case: Case, mode: str, max_grad_norm: float, reduction: str, noise=0.0, optimizer=None, **kwargs):
+    """dpkernels.PrivacyEngine.make_private on ``optimizer`` (default SGD(lr=1)) and a one-batch loader."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0) if optimizer is None else optimizer
     loader = DataLoader(TensorDataset(*batch), batch_size=batch[0].shape[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

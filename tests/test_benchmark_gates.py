@@ -1,8 +1,11 @@
-"""The benchmark gates as a user meets them: a memory regression fails its test, a test missing from
-the baseline is an error, a corrupt or missing baseline and a baseline of another device are refused.
+"""The benchmark gates as a user meets them: on the CPU's deterministic memory tracker a peak 1% above
+or below the baseline fails (a regression, or an improvement the baseline does not record), and so
+do 10% more or fewer FLOPs and one more operator call; a test missing from the baseline, or a
+baseline without work counts, is an error; a corrupt or missing baseline and a baseline of another
+device are refused.
 
 Each case runs pytest in a subprocess on a scratch copy of benchmarks/conftest.py and a one-test
-benchmark whose allocation size comes from an environment variable.
+benchmark whose allocation size, matmul rows and extra operator calls come from environment variables.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ import torch
 
 def test_alloc(measure):
     n = int(os.environ.get("ALLOC_FLOATS", "262144"))
-    measure(lambda: torch.ones(n).sum(), rounds=1)
+    rows = int(os.environ.get("MATMUL_ROWS", "64"))
+    extra = int(os.environ.get("EXTRA_OPS", "0"))
+    w = torch.ones(64, 64)
+
+    def fn():
+        torch.ones(n).sum()  # the peak: 4 n bytes
+        y = torch.ones(rows, 64) @ w  # 2 * rows * 64 * 64 FLOPs
+        for _ in range(extra):
+            y.add_(0)  # one operator call, no memory, no FLOPs
+
+    measure(fn, rounds=1)
 '''
 EXTRA = '''
 
@@ -38,8 +51,10 @@ def bench_dir(pytester):
     return pytester
 
 
-def run(pytester, *args, floats=262144):
+def run(pytester, *args, floats=262144, rows=64, extra=0):
     pytester._monkeypatch.setenv("ALLOC_FLOATS", str(floats))
+    pytester._monkeypatch.setenv("MATMUL_ROWS", str(rows))
+    pytester._monkeypatch.setenv("EXTRA_OPS", str(extra))
     return pytester.runpytest_subprocess("--benchmark-storage=file://baselines", *args)
 
 
@@ -49,12 +64,43 @@ def saved_baseline(pytester) -> Path:
     return files[0]
 
 
-def test_same_memory_passes_and_growth_past_the_tolerance_fails(bench_dir):
+def test_memory_is_gated_both_ways_to_half_a_percent(bench_dir):
+    """The CPU tracker repeats exactly: the same code passes, +1% is a regression, -1% an unrecorded improvement."""
     assert run(bench_dir, "--benchmark-save=base").ret == 0
     assert run(bench_dir, "--benchmark-compare").ret == 0
-    grown = run(bench_dir, "--benchmark-compare", floats=2 * 262144)
+    grown = run(bench_dir, "--benchmark-compare", floats=int(262144 * 1.01))
     assert grown.ret == 1
-    grown.stdout.fnmatch_lines(["*peak memory*> baseline*"])
+    grown.stdout.fnmatch_lines(["*peak memory*> baseline*+ 0.50%*a regression*tox -e bench-rebaseline*"])
+    shrunk = run(bench_dir, "--benchmark-compare", floats=int(262144 * 0.99))
+    assert shrunk.ret == 1
+    shrunk.stdout.fnmatch_lines(["*peak memory*< baseline*an improvement the baseline does not record*"])
+    assert run(bench_dir, "--benchmark-compare", "--memory-tolerance=0.02", floats=int(262144 * 1.01)).ret == 0
+
+
+def test_work_is_gated_both_ways(bench_dir):
+    """10% more matmul FLOPs (and, alone, one more operator call) fail on a CPU; 10% fewer FLOPs too."""
+    assert run(bench_dir, "--benchmark-save=base").ret == 0
+    more = run(bench_dir, "--benchmark-compare", rows=71)
+    assert more.ret == 1
+    more.stdout.fnmatch_lines(["*flops * > baseline *a regression*"])
+    fewer = run(bench_dir, "--benchmark-compare", rows=57)
+    assert fewer.ret == 1
+    fewer.stdout.fnmatch_lines(["*flops * < baseline *an improvement*"])
+    extra_op = run(bench_dir, "--benchmark-disable", "--benchmark-compare", extra=1)
+    assert extra_op.ret == 1
+    extra_op.stdout.fnmatch_lines(["*op calls * > baseline *a regression*"])
+
+
+def test_a_baseline_without_work_counts_is_an_error(bench_dir):
+    assert run(bench_dir, "--benchmark-save=base").ret == 0
+    path = saved_baseline(bench_dir)
+    data = json.loads(path.read_text())
+    for bench in data["benchmarks"]:
+        del bench["extra_info"]["flops"], bench["extra_info"]["op_calls"]
+    path.write_text(json.dumps(data))
+    result = run(bench_dir, "--benchmark-compare")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*the baseline has no flops, op_calls; re-record it*"])
 
 
 def test_memory_gate_also_runs_in_fast_mode(bench_dir):
@@ -62,6 +108,7 @@ def test_memory_gate_also_runs_in_fast_mode(bench_dir):
     fast = run(bench_dir, "--benchmark-disable", "--benchmark-compare", floats=4 * 262144)
     assert fast.ret == 1
     fast.stdout.fnmatch_lines(["*peak memory*> baseline*"])
+    assert run(bench_dir, "--benchmark-disable", "--benchmark-compare").ret == 0
 
 
 def test_a_test_missing_from_the_baseline_is_an_error(bench_dir):

@@ -6,7 +6,9 @@ Two groups:
                                 interpreter.  TRITON_INTERPRET is read when Triton kernels are
                                 decorated, so set it before pytest starts:
                                     TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -m interpreter
-                                Without CUDA and without TRITON_INTERPRET=1 these tests skip.
+                                Without CUDA and without TRITON_INTERPRET=1 they skip here, and
+                                test_interpreter_tests_pass_in_a_subprocess runs them under the
+                                interpreter, so the README's `python -m pytest` covers the kernels.
     @pytest.mark.gpu            large shapes (T up to 32768, d = p up to 8192, B T d > 2^31), CUDA only.
 
 Oracle: ||G_i^T A_i||_F^2 and ||sum_t g_t||^2 in float64 (linear.weight_norm_sq_direct / bias_norm_sq on
@@ -14,6 +16,12 @@ float64 copies), and dpkernels.reference.layer_per_sample_grads for one nn.Linea
 """
 
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -439,3 +447,18 @@ def test_gpu_large_shapes_bf16(B, T, d, p, method):
         assert torch.isfinite(got).all()
         rel = ((got.double() - ref).abs() / ref).max().item()
         assert rel < 1e-4, f"{name} norm^2: max relative error {rel:.3g} vs the float64 reference"
+
+
+@pytest.mark.skipif(TRITON, reason="the Triton kernel tests run in this process (CUDA or TRITON_INTERPRET=1)")
+def test_interpreter_tests_pass_in_a_subprocess(request):
+    """Without CUDA, the `interpreter` tests of this file in a fresh process with TRITON_INTERPRET=1
+    (read when the kernels are decorated, so not settable here): all pass and some ran."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", HYPOTHESIS_PROFILE=request.config.getoption("hypothesis_profile", None) or os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    command = [sys.executable, "-m", "pytest", __file__, "-m", "interpreter", "-x", "-q", "-p", "no:cacheprovider", "-c", str(root / "pytest.ini"), "--rootdir", str(root)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0, f"the interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) > 0, f"no interpreter test ran: {summary!r}"
+    assert not re.search(r"\d+ (failed|error|skipped)", summary), summary

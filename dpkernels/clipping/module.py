@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from ..layers import layer_type, rule_for, samples_of
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
-from ..reference import clip_coefficients
+from .coefficients import clip_coefficients
 from .root import RootForward, rng_states, root_parameter_names
 from .sharded import mean_over_ranks_into_shards
 

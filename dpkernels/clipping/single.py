@@ -11,7 +11,7 @@ import torch
 
 from ..layers.linear import accumulation_dtype
 from ..errors import LayerInputError, NonFiniteNormError
-from ..reference import clip_coefficients
+from .coefficients import clip_coefficients
 from .loss import quiet_backward, reduce_loss, restore_grads, stash_grads
 
 

@@ -23,6 +23,21 @@ import torch
 from opacus.optimizers import DPOptimizerFastGradientClipping, FSDPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 
+from .errors import CriterionError
+
+
+def require_gradients(optimizer) -> None:
+    """Before a step: every trainable parameter has a gradient (a criterion backward always leaves
+    one, zero where the loss does not depend on it); otherwise say how a gradient gets there."""
+    missing = sum(p.grad is None for p in optimizer.params)
+    if missing:
+        raise CriterionError(
+            f"optimizer.step(): {missing} of {len(optimizer.params)} trainable parameters have no gradient. "
+            "Before each step call backward() on a loss from the criterion that make_private returned "
+            "(model, optimizer, criterion, data_loader = engine.make_private(..., criterion=...); "
+            "criterion(output, target).backward()), not on a plain loss."
+        )
+
 
 def first_sum(optimizer, grad: torch.Tensor) -> torch.Tensor:
     """What a step's first accumulation stores: ``grad`` itself when the step will be taken (the
@@ -32,6 +47,10 @@ def first_sum(optimizer, grad: torch.Tensor) -> torch.Tensor:
 
 class DPOptimizer(DPOptimizerFastGradientClipping):
     """``DPOptimizerFastGradientClipping`` (noise, scaling, accountant hook) with batched loops."""
+
+    def pre_step(self, closure=None):
+        require_gradients(self)
+        return super().pre_step(closure)
 
     def accumulate(self) -> None:
         """p.summed_grad += p.grad (``first_sum`` of p.grad on the first micro-batch of a step)."""
@@ -66,6 +85,10 @@ class DPOptimizer(DPOptimizerFastGradientClipping):
 
 class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
     """``FSDPOptimizerFastGradientClipping`` without the copy of every gradient shard at each step."""
+
+    def pre_step(self, closure=None):
+        require_gradients(self)
+        return super().pre_step(closure)
 
     def accumulate(self) -> None:
         for p in self.params:

@@ -1,23 +1,34 @@
-"""Step-level benchmarks: one training step (forward, backward, optimizer step) of every mode.
+"""Step-level benchmarks: one training step (forward, loss, backward, optimizer step) of every mode.
 
 Workloads (dpkernels.models.workloads): GPT-2-small at T=1024 (B=16) and T=4096 (B=4), the seed-000
-Llama-style model at T=16384 (B=1, and B=2 where the GPU has the memory), DiT-L (B=2), and a stack of
-8 Linear(1024, 1024) at T=4096 (B=4) and T=16384 (B=1); scaled down on a CPU.  Precisions: fp32 with
-TF32 off (the anchors' setting) and bf16 autocast.  extra_info holds the time and peak-memory ratios
-to the non-private step of the same workload and precision, measured in the same run.
+Llama-style model at T=16384 (B=1, and B=2 where the GPU has the memory), DiT-L (B=2), a stack of
+8 Linear(1024, 1024) at T=4096 (B=4) and T=16384 (B=1), and an unmodified transformers
+LlamaForCausalLM (d 1024, 8 layers, vocab 32000, untied, T=1024, B=8); scaled down on a CPU.
+Precisions: fp32 with TF32 off (the anchors' setting) and bf16 autocast.
+
+Each step's loss is what its user writes (``Workload.loss``): nondp the idiomatic non-private loss
+on contiguous logits (or a transformers model's own labels= loss), Opacus modes Opacus's calls,
+dpkernels modes the README's criterion call on [B, T, V] logits.  extra_info holds the loss call,
+and the time and peak-memory ratios to the non-private step of the same workload and precision,
+measured in the same run; for the two-pass modes (ghost, flash) also the floor of a two-pass step
+(``step.pass_times``), printed as the test runs.
+
+A quick subset on a GPU: ``-k`` selects workloads, modes and precisions (test ids are
+``test_step[<workload>-<mode>-<precision>]``) and DPKERNELS_BENCH_ROUNDS=N fixes the timed rounds.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
 
-from dpkernels import SINGLE_PROCESS_MODES
+from dpkernels import MODES, SINGLE_PROCESS_MODES
 from dpkernels.models.workloads import step_workloads
 from dpkernels.profiling import default_device
-from dpkernels.profiling.step import STEP_MODES, Trainer, median_step_time_and_peak
+from dpkernels.profiling.step import STEP_MODES, Trainer, median_step_time_and_peak, pass_times
 
 WORKLOADS = step_workloads(small=not torch.cuda.is_available())
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -39,7 +50,10 @@ def no_tf32():
 
 
 def rounds_for(workload, mode: str = "nondp") -> int:
-    """Timed rounds: 5, or on a GPU 2 for the seed-000 Llama steps (seconds each) and 1 for Opacus ghost there."""
+    """Timed rounds: DPKERNELS_BENCH_ROUNDS if set; else 5, or on a GPU 2 for the seed-000 Llama steps
+    (seconds each) and 1 for Opacus ghost there."""
+    if os.environ.get("DPKERNELS_BENCH_ROUNDS"):
+        return int(os.environ["DPKERNELS_BENCH_ROUNDS"])
     if not (torch.cuda.is_available() and workload.B * workload.T >= 16384 and workload.name.startswith("llama")):
         return 5
     return 1 if mode == "opacus_ghost" else 2
@@ -80,10 +94,30 @@ def nondp_reference():
     return get
 
 
+@pytest.fixture(scope="session")
+def two_pass_floor():
+    """The non-private step's passes (``step.pass_times``) per (workload, precision), measured once per run."""
+    cache = {}
+
+    def get(workload, precision):
+        key = (workload.name, precision)
+        if key not in cache:
+            allocated_after_release()
+            trainer = Trainer(workload, "nondp", default_device(), PRECISIONS[precision])
+            cache[key] = pass_times(trainer, rounds_for(workload))
+            del trainer
+            allocated_after_release()
+        return cache[key]
+
+    return get
+
+
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
 @pytest.mark.parametrize("mode", STEP_MODES)
 @pytest.mark.parametrize("workload", WORKLOADS, ids=[w.name for w in WORKLOADS])
-def test_step(benchmark, measure, nondp_reference, workload, mode, precision):
+def test_step(benchmark, measure, nondp_reference, two_pass_floor, capsys, workload, mode, precision):
+    for package in workload.requires:
+        pytest.importorskip(package)
     need = NEEDS_GIB.get(workload.name)
     if need and torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < need * 2**30:
         pytest.skip(f"{workload.name} needs about {need} GiB of GPU memory")
@@ -91,7 +125,8 @@ def test_step(benchmark, measure, nondp_reference, workload, mode, precision):
     start = allocated_after_release()
     try:
         trainer = Trainer(workload, mode, default_device(), PRECISIONS[precision], max_grad_norm=CLIP)
-        seconds, peak = measure(trainer.step, rounds=rounds_for(workload, mode), workload=workload.name, mode=mode, precision=precision, B=workload.B, T=workload.T)
+        seconds, peak = measure(trainer.step, rounds=rounds_for(workload, mode), workload=workload.name, mode=mode, precision=precision, B=workload.B, T=workload.T,
+                                loss_call=trainer.loss_call, nondp_loss_call=workload.loss("nondp").call)
         total = setup_peak(start, peak)
         if mode in SINGLE_PROCESS_MODES:
             # a benchmark that never clips measures nothing: the clip norm must bind
@@ -105,3 +140,13 @@ def test_step(benchmark, measure, nondp_reference, workload, mode, precision):
         trainer = None
         allocated_after_release()
     benchmark.extra_info.update(nondp_seconds=base_time, time_ratio=seconds / base_time, setup_peak_bytes=total, memory_ratio=total / base_peak)
+    if mode in MODES and MODES[mode].passes == 2:
+        passes = two_pass_floor(workload, precision)
+        benchmark.extra_info.update(passes_seconds=passes, two_pass_floor=passes["two_pass_floor"])
+        line = (
+            f"{workload.name} {precision} {mode}: {seconds / base_time:.2f}x non-private; two-pass floor {passes['two_pass_floor']:.2f}x "
+            f"(forward {passes['forward'] * 1e3:.1f} ms, input-gradient pass {passes['input_backward'] * 1e3:.1f} ms, "
+            f"full backward {passes['backward'] * 1e3:.1f} ms)"
+        )
+        with capsys.disabled():
+            print("\n" + line)

@@ -42,6 +42,21 @@ from torch.distributed.tensor import DTensor, Shard
 class UnclippedParameterError(ValueError):
     """The optimizer would step a parameter whose per-sample gradients the model did not clip."""
 
+from .errors import CriterionError
+
+
+def require_gradients(optimizer) -> None:
+    """Before a step: every trainable parameter has a gradient (a criterion backward always leaves
+    one, zero where the loss does not depend on it); otherwise say how a gradient gets there."""
+    missing = sum(p.grad is None for p in optimizer.params)
+    if missing:
+        raise CriterionError(
+            f"optimizer.step(): {missing} of {len(optimizer.params)} trainable parameters have no gradient. "
+            "Before each step call backward() on a loss from the criterion that make_private returned "
+            "(model, optimizer, criterion, data_loader = engine.make_private(..., criterion=...); "
+            "criterion(output, target).backward()), not on a plain loss."
+        )
+
 
 def first_sum(optimizer, grad: torch.Tensor) -> torch.Tensor:
     """What a step's first accumulation stores: ``grad`` itself when the step will be taken (the
@@ -82,6 +97,10 @@ class DPOptimizer(DPOptimizerFastGradientClipping):
                 "The step was refused (stepping it would release an unclipped gradient). Set requires_grad "
                 "before make_private (call it again after unfreezing), or freeze it."
             )
+
+    def pre_step(self, closure=None):
+        require_gradients(self)
+        return super().pre_step(closure)
 
     def accumulate(self) -> None:
         """p.summed_grad += p.grad (``first_sum`` of p.grad on the first micro-batch of a step)."""
@@ -189,6 +208,10 @@ class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
     every coordinate is noised once, by the rank that owns it.  ``secure_mode`` draws from the engine's
     secure generator (Opacus's 4-sample construction), each rank from its own secure source.
     """
+
+    def pre_step(self, closure=None):
+        require_gradients(self)
+        return super().pre_step(closure)
 
     def accumulate(self) -> None:
         for p in self.params:

@@ -246,8 +246,8 @@ def test_criterion_is_restored_and_must_give_per_sample_losses():
     x, y = mlp_batch(3)
     wrapped(dp_model(x), y).backward()
     assert crit.reduction == "mean"
-    with pytest.raises(ValueError, match="batch_size"):
-        wrapped(dp_model(x), y[:2])  # criterion raises: its reduction must still be restored
+    with pytest.raises(IndexError, match="out of bounds"):
+        wrapped(dp_model(x), torch.tensor([0, 1, 99]))  # criterion raises: its reduction must still be restored
     assert crit.reduction == "mean"
 
     def bare(out, target):

@@ -31,6 +31,7 @@ from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, Un
 from ..layers import layer_type, rule_for, samples_of
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from .coefficients import clip_coefficients
+from .loss import guard_outputs
 from .root import RootForward, rng_states, root_parameter_names
 from .sharded import mean_over_ranks_into_shards
 
@@ -172,6 +173,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         record_root = self.hooks_enabled and self._module.training and torch.is_grad_enabled() and has_root_parameters(self._module)
         rng_before = rng_states(self._module) if record_root else []
         output = self._module(*args, **kwargs)
+        guard_outputs(self, output)  # a plain loss's backward is refused (clipping/loss.py)
         if record_root and not self.single_sample_step:
             detached = tree_map(lambda x: x.detach() if torch.is_tensor(x) else x, (args, kwargs))
             self._root_forward = RootForward(self._module, *detached, output, rng_before)

@@ -47,8 +47,12 @@ from .breakdown import COMPONENTS, MB, Meter, Recorder, instrumented_step, step_
 from .plots import write_plots
 from .report import TIME_KEYS, time_stats, write_atomic, write_summary
 
-MODELS = ("gpt", "llama", "llama3", "bert", "dit", "linear")
-TRANSFORMERS_MODELS = ("llama", "llama3", "bert")  # need the `models` extra
+# gpt, llama, llama3, dit, linear: the project's models (llama/llama3 from transformers configs);
+# hf_gpt2 (GPT2LMHeadModel, tied head), hf_llama (LlamaForCausalLM), bert (DistilBertForSequenceClassification),
+# vit (ViTForImageClassification): transformers models as shipped, trained on their own labels= loss
+MODELS = ("gpt", "llama", "llama3", "bert", "dit", "linear", "hf_gpt2", "hf_llama", "vit")
+TRANSFORMERS_MODELS = ("llama", "llama3", "bert", "hf_gpt2", "hf_llama", "vit")  # need the `models` extra
+NO_SEQ = ("dit", "vit")  # image models: the token count follows from the image and patch sizes
 ALIASES = {"hooks": "opacus_hooks", "vanilla": "nondp"}
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_SEQ = {"small": (64, 128), "full": (1024, 2048, 4096)}
@@ -61,7 +65,7 @@ PRESETS: Dict[str, dict] = {
         "models": ["gpt"], "seq": [8192], "batch": [2], "modes": ["nondp", "opacus_ghost", "ghost", "flash", "bk", "flash_bk"],
     },
     "seed002": {
-        "help": "seed 002: DistilBERT-style classifier, T=128, B=32, 4 micro-batches per step (step vs run peak)",
+        "help": "seed 002: transformers DistilBertForSequenceClassification as shipped, T=128, B=32, 4 micro-batches per step (step vs run peak)",
         "models": ["bert"], "seq": [128], "batch": [32], "grad_accum": 4, "steps": 5,
         "modes": ["nondp", "opacus_hooks", "opacus_ghost", "ghost", "bk"],
     },
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration of the seeds (below)")
     parser.add_argument("--modes", nargs="+", metavar="MODE", help="modes to compare (default: all)")
     parser.add_argument("--models", nargs="+", metavar="MODEL", help=f"models: {', '.join(MODELS)} (default: gpt)")
-    parser.add_argument("--seq", nargs="+", type=positive, metavar="T", help="sequence lengths (default: 64 128 on CPU, 1024 2048 4096 on GPU; bert: 128; dit: its patch count)")
+    parser.add_argument("--seq", nargs="+", type=positive, metavar="T", help="sequence lengths (default: 64 128 on CPU, 1024 2048 4096 on GPU; bert: 128; dit, vit: their patch count)")
     parser.add_argument("--batch", nargs="+", type=positive, metavar="B", help="batch sizes per micro-batch (default: 4 on CPU, 8 on GPU)")
     parser.add_argument("--size", choices=("auto", "small", "full"), default="auto", help="model sizes: the seeds' full sizes, or the same architectures scaled down (auto: full on GPU, small on CPU)")
     parser.add_argument("--steps", type=positive, help="optimizer steps measured in the run and timed (default 3)")
@@ -219,8 +223,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
 
 
 def seq_lengths(model: str, settings: dict) -> List[Optional[int]]:
-    """dit has no sequence length of its own choosing (its token count is (image / patch)^2)."""
-    if model == "dit":
+    """dit and vit have no sequence length of their own choosing (their token count follows from the image)."""
+    if model in NO_SEQ:
         return [None]
     if settings["seq"]:
         return list(settings["seq"])
@@ -250,11 +254,12 @@ def experiment_specs(settings: dict) -> List[dict]:
 
 def workload_of(spec: dict):
     small, T, B = spec["size"] == "small", spec["seq_len"], spec["batch"]
-    if spec["model"] == "dit":
-        return workloads.dit(B, small)
+    if spec["model"] in NO_SEQ:
+        return {"dit": workloads.dit, "vit": workloads.vit}[spec["model"]](B, small)
     if spec["model"] == "llama3":
         return workloads.llama3(T, B, small, spec["layers"])
-    build = {"gpt": workloads.gpt2, "llama": workloads.llama, "bert": workloads.bert, "linear": workloads.linear_stack}
+    build = {"gpt": workloads.gpt2, "llama": workloads.llama, "bert": workloads.bert, "linear": workloads.linear_stack,
+             "hf_gpt2": workloads.hf_gpt2, "hf_llama": workloads.hf_llama}
     return build[spec["model"]](T, B, small)
 
 
@@ -357,6 +362,7 @@ def run_experiment(spec: dict, device: torch.device) -> dict:
     record, start = base_record(spec, device=device), time.perf_counter()
     trainer, meter, recorder = measure(spec, device, 1, 1)
     record["config"]["tokens"] = trainer.workload.T
+    record["config"]["loss_call"] = trainer.loss_call
     record["config"]["parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     record["snapshots"] = recorder.snapshots
     record["breakdown"] = step_breakdown(recorder.snapshots, meter.peak() / MB)

@@ -1,7 +1,10 @@
 """One training step of a workload in any mode: the unit the benchmarks and the profiler measure.
 
 Modes: "nondp" (plain PyTorch), "opacus_hooks" and "opacus_ghost" (``opacus.PrivacyEngine``), and
-every dpkernels mode (``dpkernels.MODES``).  A step is forward, backward, optimizer step, zero_grad.
+every dpkernels mode (``dpkernels.MODES``).  A step is forward, loss, backward, optimizer step,
+zero_grad; its loss is what a user of that mode writes (``Workload.loss(mode)``, recorded as
+``Trainer.loss_call``): the idiomatic non-private loss on contiguous logits for nondp and Opacus hooks,
+Opacus's criterion call for Opacus ghost, dpkernels' criterion on the model's logits otherwise.
 A Trainer given ``shard`` (e.g. ``distributed.shard_blocks``) runs on an FSDP2-sharded model inside
 a process group: "nondp" or a ``*_fsdp`` mode, each rank on its own batch of B samples.
 """
@@ -27,26 +30,6 @@ from .memory import peak_memory
 
 STEP_MODES = ("nondp", "opacus_hooks", "opacus_ghost") + SINGLE_PROCESS_MODES
 SHARDED_MODES = ("nondp",) + tuple(sorted(name for name, mode in MODES.items() if mode.fsdp))
-
-
-class PerSampleLoss(nn.Module):
-    """A criterion whose reduction='none' output is one loss per sample [B] (extra dims averaged).
-
-    Opacus's ghost-mode criterion needs [B]; dpkernels folds extra dims itself.
-    """
-
-    def __init__(self, criterion_cls, reduction: str = "mean"):
-        super().__init__()
-        self.inner = criterion_cls(reduction="none")
-        self.reduction = reduction
-
-    def forward(self, output, target):
-        per_sample = self.inner(output, target)
-        if per_sample.dim() > 1:
-            per_sample = per_sample.flatten(1).mean(1)
-        if self.reduction == "none":
-            return per_sample
-        return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
 
 
 class Trainer:
@@ -85,10 +68,12 @@ class Trainer:
             model = shard(model)
             self.world = torch.distributed.get_world_size()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        criterion = PerSampleLoss(case.criterion)
+        self.loss = workload.loss(mode)
+        self.loss_call = self.loss.call
+        criterion = self.loss.criterion() if self.loss.criterion else None
         self.model, self.optimizer, self.criterion = model, optimizer, criterion
         if mode != "nondp":
-            self._make_private(model, optimizer, criterion)
+            self._make_private(model, optimizer, criterion or workload.case.criterion())
 
     def _make_private(self, model, optimizer, criterion) -> None:
         global_batch = [t.cpu().repeat(self.world, *[1] * (t.dim() - 1)) for t in self.batch]
@@ -108,7 +93,7 @@ class Trainer:
             poisson_sampling=False,
         )
         self.model, self.optimizer = out[0], out[1]
-        self.criterion = out[2] if len(out) == 4 else criterion
+        self.criterion = out[2] if len(out) == 4 else None
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -116,9 +101,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def forward_loss(self):
-        *inputs, target = self.batch
         with self.autocast():
-            return self.criterion(self.workload.case.logits_of(self.model(*inputs)), target)
+            return self.loss.fn(self.model, self.criterion, self.batch)
 
     def step(self) -> None:
         loss = self.forward_loss()
@@ -141,3 +125,59 @@ def median_step_time_and_peak(trainer: Trainer, steps: int) -> tuple:
     with peak_memory(trainer.device) as mem:
         trainer.step()
     return statistics.median(times), mem["peak_bytes"]
+
+
+def layer_outputs(model: nn.Module):
+    """(list that fills with the tensor outputs of every module owning a trainable parameter during a
+    forward pass, the hook handles to remove)."""
+    outputs, handles = [], []
+
+    def keep(_module, _inputs, out):
+        if torch.is_tensor(out) and out.requires_grad:
+            outputs.append(out)
+
+    for m in model.modules():
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            handles.append(m.register_forward_hook(keep))
+    return outputs, handles
+
+
+def pass_times(trainer: Trainer, rounds: int) -> dict:
+    """Median seconds of the passes of a non-private step (a "nondp" Trainer), after one warm-up:
+
+        forward         forward and loss
+        backward        the full backward pass (input and weight gradients)
+        input_backward  a backward pass that forms input gradients only: ``torch.autograd.grad`` of
+                        the loss with respect to every trainable layer's output (no weight gradients)
+
+    A two-pass DP step needs at least forward + 2 input-gradient passes + 1 weight-gradient pass
+    (= forward + input_backward + backward): ``two_pass_floor`` is that over forward + backward.
+    """
+    outputs, handles = layer_outputs(trainer.model)
+    times = {"forward": [], "backward": [], "input_backward": []}
+
+    def timed(fn):
+        synchronize()
+        start = time.perf_counter()
+        result = fn()
+        synchronize()
+        return result, time.perf_counter() - start
+
+    try:
+        for r in range(rounds + 1):
+            outputs.clear()
+            loss, t_forward = timed(trainer.forward_loss)
+            _, t_backward = timed(loss.backward)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            outputs.clear()
+            loss = trainer.forward_loss()
+            _, t_input = timed(lambda: torch.autograd.grad(loss, outputs, allow_unused=True))
+            if r:  # round 0 warms up
+                for name, t in zip(times, (t_forward, t_backward, t_input)):
+                    times[name].append(t)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    out["two_pass_floor"] = (out["forward"] + out["input_backward"] + out["backward"]) / (out["forward"] + out["backward"])
+    return out

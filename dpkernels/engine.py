@@ -114,7 +114,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         backward = bookkeeping_backward if module.keep_samples else ghost_backward
         return DPCriterion(module, criterion, loss_reduction, backward)
 
-    def make_private(self, *, criterion=None, grad_sample_mode: str = "hooks", loss_reduction: str = "mean", **kwargs):
+    def make_private(self, *, module: nn.Module, criterion=None, grad_sample_mode: str = "hooks", loss_reduction: str = "mean", **kwargs):
         """As ``opacus.PrivacyEngine.make_private``.
 
         Returns ``(model, optimizer, criterion, data_loader)`` for a dpkernels mode (``dpkernels.MODES``:
@@ -122,10 +122,9 @@ class PrivacyEngine(opacus.PrivacyEngine):
         ``(model, optimizer, data_loader)``, for ``hooks``, ``ew`` and ``functorch``.  Raises
         ``UnsupportedModuleError`` for a model with BatchNorm layers, in every mode.
         """
-        if "module" in kwargs:
-            refuse_batch_norm(kwargs["module"])
+        refuse_batch_norm(module)
         criterion = nn.CrossEntropyLoss(reduction=loss_reduction) if criterion is None else criterion
-        result = super().make_private(criterion=criterion, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction, **kwargs)
+        result = super().make_private(module=module, criterion=criterion, grad_sample_mode=grad_sample_mode, loss_reduction=loss_reduction, **kwargs)
         if grad_sample_mode in MODES and isinstance(result[1], DPOptimizer):
             result[1].clipped_by(result[0])  # the parameters it may step: those the model clips
         if grad_sample_mode not in MODES or len(result) == 4:

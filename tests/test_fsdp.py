@@ -423,3 +423,23 @@ def test_phase_profile_of_fsdp_steps(tmp_path):
         if mode == "bk_fsdp":
             reductions = {k: v for k, v in ops["clipped_grads"].items() if "allreduce" in k and "MB" not in k}
             assert reductions == {"c10d.allreduce_": 1}, ops["clipped_grads"]
+
+
+def secure_mode_without_generator_step(rank: int, device: torch.device) -> dict:
+    """The FSDP optimizer built by hand with secure_mode and no generator: the error message of its step."""
+    model = shard_blocks(torch.nn.Linear(4, 2, device=device))
+    optimizer = dpkernels.optimizer.FSDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                                                  expected_batch_size=2, secure_mode=True)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    except ValueError as error:
+        return {"error": str(error)}
+    return {"error": None}
+
+
+def test_fsdp_secure_mode_without_a_secure_generator_is_refused(ranks):
+    """Secure mode drawing from the default generator could give every rank the same noise: refused."""
+    error = ranks.run(secure_mode_without_generator_step)["error"]
+    assert error and "secure_mode needs a secure generator on each rank" in error

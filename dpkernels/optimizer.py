@@ -228,6 +228,11 @@ class FSDPOptimizer(FSDPOptimizerFastGradientClipping):
         std = sigma * self.max_grad_norm / (self.world_size if self.loss_reduction == "mean" else 1)
         summed = [self.grad_state[p]["summed_grad"] for p in self.params]
         shards = [local_shard(s) for s in summed]
+        if self.secure_mode and self.generator is None:
+            raise ValueError(
+                "FSDPOptimizer: secure_mode needs a secure generator on each rank (PrivacyEngine(secure_mode=True) "
+                "passes its own); the default generator may be seeded alike on every rank"
+            )
         if std != 0 and shards:
             generator = self.generator if self.secure_mode else rank_generator(self.generator, shards[0].device, self.rank)
             for x in shards:  # one shard's noise at a time: a shard-sized temporary, not the model's

@@ -18,7 +18,7 @@ phase) and on the device (CUDA events on the current stream: the time its work t
     optimizer      the wrapped optimizer's step (Adam)
     zero_grad
 
-One more step, untimed, counts each phase's collectives (and their input bytes) and host
+With ``--count-ops``, one more step, untimed, counts each phase's collectives (and their input bytes) and host
 synchronisations (``.item()``, ``bool(tensor)``) with a dispatch mode.  Times are the median over the
 timed steps, for every rank; peak memory is the CUDA allocator's over the timed steps.
 """
@@ -193,9 +193,10 @@ def opacus_optimizer(optimizer):
     return theirs
 
 
-def phase_profile(spec: dict, mode: str, device: torch.device, steps: int) -> dict:
-    """Per-phase times (median of ``steps`` after one warm-up; every rank), peak memory and per-phase
-    collectives of ``mode`` (``MODE:opacus``: with Opacus's FSDP optimizer) for a profiler ``spec``."""
+def phase_profile(spec: dict, mode: str, device: torch.device, steps: int, count_ops: bool = True) -> dict:
+    """Per-phase times (median of ``steps`` after one warm-up; every rank), peak memory and (``count_ops``:
+    one more step) per-phase collectives of ``mode`` (``MODE:opacus``: with Opacus's FSDP optimizer)
+    for a profiler ``spec``."""
     from .profile import build_trainer
 
     name, _, variant = mode.partition(":")
@@ -215,8 +216,9 @@ def phase_profile(spec: dict, mode: str, device: torch.device, steps: int) -> di
         runs.append(clock.durations())
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     counter = OpCounter()
-    with counter:
-        phased_step(trainer, CountingClock(device, counter, PHASES["nondp" if name == "nondp" else "dp"]))
+    if count_ops:
+        with counter:
+            phased_step(trainer, CountingClock(device, counter, PHASES["nondp" if name == "nondp" else "dp"]))
     out = {"mode": mode, "peak_mb": max_over_ranks([peak], device)[0], "ops_rank0": {k: dict(v) for k, v in counter.counts.items()}}
     for clock_kind in ("host", "device") if device.type == "cuda" else ("host",):
         phases = list(runs[0][clock_kind])
@@ -285,6 +287,7 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", choices=sorted(AMP), default="bf16", help="FSDP2 mixed-precision parameter dtype (default bf16)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode, after one warm-up")
+    parser.add_argument("--count-ops", action="store_true", help="one more step per mode, counting collectives and host syncs per phase")
     parser.add_argument("--out", help="JSON file (rank 0 writes it after each mode)")
     parser.add_argument("--table", nargs="+", metavar="FILE", help="print the tables of these JSON files and exit (no process group)")
     args = parser.parse_args(argv)
@@ -301,7 +304,7 @@ def main(argv=None) -> int:
                          "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu"}, "modes": []}
     for mode in args.modes:
         try:
-            record["modes"].append(phase_profile(spec, mode, device, args.steps))
+            record["modes"].append(phase_profile(spec, mode, device, args.steps, args.count_ops))
         except Exception as error:  # recorded; the other modes go on (a rank that fails alone stops the run)
             record["modes"].append({"mode": mode, "error": f"{type(error).__name__}: {error}"})
             gc.collect()

@@ -363,19 +363,34 @@ class ScaledLinearLayer(nn.Linear):
         return F.linear(x, 2 * self.weight, self.bias) * math.sqrt(2)
 
 
+class ReturnsItsHiddenStates(nn.Module):
+    """A root with its own parameter returning (logits, hidden states) where the logits are computed
+    from the hidden states (as T5 returns the encoder states that feed its decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(6) + 0.1 * torch.randn(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(x * self.scale)
+        return self.head(h), h
+
+
 FUNC_CASES = [
-    pytest.param(lambda: Attention(True), ids_and_labels(5), id="multihead_attention_batch_first"),
-    pytest.param(lambda: Attention(False), ids_and_labels(5), id="multihead_attention_seq_first"),
-    pytest.param(TinyViT, lambda B: (torch.randn(B, 2, 4, 4), torch.randint(0, 3, (B,))), id="bare_parameters_below_root"),
-    pytest.param(ScaledHead, lambda B: (torch.randn(B, 6), torch.randint(0, 3, (B,))), id="subclass_with_other_math"),
+    pytest.param(ReturnsItsHiddenStates, lambda B: (torch.randn(B, 6), torch.randint(0, 3, (B,))), lambda out: out[0], id="root_returns_what_feeds_its_logits"),
+    pytest.param(lambda: Attention(True), ids_and_labels(5), None, id="multihead_attention_batch_first"),
+    pytest.param(lambda: Attention(False), ids_and_labels(5), None, id="multihead_attention_seq_first"),
+    pytest.param(TinyViT, lambda B: (torch.randn(B, 2, 4, 4), torch.randint(0, 3, (B,))), None, id="bare_parameters_below_root"),
+    pytest.param(ScaledHead, lambda B: (torch.randn(B, 6), torch.randint(0, 3, (B,))), None, id="subclass_with_other_math"),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", SINGLE_PROCESS_MODES)
-@pytest.mark.parametrize("build, batch", FUNC_CASES)
-def test_modules_without_a_rule_are_exact_through_torch_func(build, batch, mode, dtype):
-    check_step(build, batch, mode, dtype, B=5)
+@pytest.mark.parametrize("build, batch, logits_of", FUNC_CASES)
+def test_modules_without_a_rule_are_exact_through_torch_func(build, batch, logits_of, mode, dtype):
+    check_step(build, batch, mode, dtype, B=5, logits_of=logits_of or (lambda out: out))
 
 
 class RandomScale(nn.Module):
@@ -425,3 +440,22 @@ def test_what_cannot_be_exact_is_refused_by_name(build, error, match, mode):
     with pytest.raises(error, match=match):
         criterion(dp_model(x), y).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_gpt2_lm_tied_takes_the_cheap_path(mode):
+    """GPT-2 as shipped: every layer call has a rule (the [1, T] position Embedding's output expanded,
+    never re-run per sample); the tied wte / lm_head get one cross term; one recorded call per layer."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=23, n_positions=16, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    case = Case("gpt2", None, lambda B: (torch.randint(0, 23, (B, 6)), torch.randint(0, 23, (B, 6))), logits_of=lambda out: out.logits.transpose(1, 2))
+    dp_model, _, criterion, _ = make_private(model, case.batch(3), case, mode, 1e-3, "mean")
+    ids, y = case.batch(3)
+    out = dp_model(ids)
+    (plan,) = dp_model._plans.values()
+    assert {c.how for c in plan.calls.values()} == {"rule", "expand"}
+    assert plan.calls[(model.transformer.wpe, 0)].how == "expand" and dp_model._root_call is None
+    criterion(out.logits.transpose(1, 2), y).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -83,6 +83,7 @@ class Call:
     out_dims: list
     names: List[str] = field(default_factory=list)  # torch.func: parameters differentiated (dotted)
     grads: list = field(default_factory=list)
+    out_versions: list = field(default_factory=list)
     waiting: int = 0
     done: bool = False
 
@@ -146,6 +147,15 @@ def mean_over_ranks_into_shards(g: torch.Tensor, p: DTensor) -> DTensor:
     if torch.distributed.get_backend(mesh.get_group()) == "gloo":
         partial = partial.redistribute(mesh, [Replicate()] * mesh.ndim)
     return partial.redistribute(mesh, p.placements)
+
+
+def behind_identity(output):
+    """(output, its leaves) with every tensor leaf that needs a gradient replaced by an identity view:
+    a tensor hook on the view sees only the gradient from outside the module, not that from the
+    module's other outputs computed from the same tensor."""
+    leaves, spec = tree_flatten(output)
+    leaves = [y.view_as(y) if torch.is_tensor(y) and y.requires_grad else y for y in leaves]
+    return tree_unflatten(leaves, spec), leaves
 
 
 def expand_to_batch(x: torch.Tensor, like_leading_one: bool, B: int) -> torch.Tensor:
@@ -247,24 +257,32 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         return not self.hooks_enabled or self.single_sample_step
 
     def _active(self, module: nn.Module) -> bool:
-        return self.hooks_enabled and module.training and torch.is_grad_enabled() and not self.single_sample_step
+        """Whether this layer call is recorded: in a forward through this wrapper, of two samples or more."""
+        return bool(self._batch) and self.hooks_enabled and module.training and torch.is_grad_enabled() and not self.single_sample_step
 
     def forward(self, *args, **kwargs):
         self.clear_step_state()  # state of a forward pass that never got a backward pass
-        if not (self.hooks_enabled and self._module.training and torch.is_grad_enabled()):
-            return self._module(*args, **kwargs)
+        if self.hooks_enabled and self._module.training and torch.is_grad_enabled():
+            output = self._recorded_forward(args, kwargs)
+        else:
+            output = self._module(*args, **kwargs)
+        return output
+
+    def _recorded_forward(self, args, kwargs):
+        """The model's forward with every layer call recorded for the per-sample norms."""
         batch_dim = 0 if self.batch_first else 1
         B = batch_size(args, kwargs, batch_dim)
         if B is None:
             raise LayerInputError(f"the model's inputs hold no tensor with a batch dimension (dimension {batch_dim})")
+        self._batch = B
         if B == 1 and not self.sharded:
             # one sample: its gradient is the ordinary gradient (clipping/single.py); cache nothing
             self.single_sample_step = True
+        if B == 0 or self.single_sample_step:  # an empty batch: no sample, no norm, nothing to record
             return self._module(*args, **kwargs)
-        self._batch = B
-        self._plan = None if self.sharded or B == 0 else self._plan_for(args, kwargs, B, batch_dim)
+        self._plan = None if self.sharded else self._plan_for(args, kwargs, B, batch_dim)
         own = [n for n, p in self._module.named_parameters(recurse=False) if p.requires_grad] if rule_for(self._module) is None else []
-        record_root = B > 0 and bool(own or self._plan_reruns())
+        record_root = bool(own or self._plan_reruns())
         rng_before = rng_states(self._module) if record_root else None
         output = self._module(*args, **kwargs)
         if record_root:
@@ -274,7 +292,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
                     f"{own + sorted(self._layer_names[m] for m in self._rerun)} cannot be recomputed exactly: "
                     "set dropout to 0 or model.eval() for those modules, or move the parameters into a supported layer"
                 )
-            self._record_root(args, kwargs, output, own, B, batch_dim)
+            output = self._record_root(args, kwargs, output, own, B, batch_dim)
         return output
 
     # ---- the batch dimension of every call (clipping/batch.py) ----------------------------------
@@ -358,7 +376,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         return self._plan is not None and any(c.how == "rerun" for c in self._plan.calls.values())
 
     def _call_plan(self, module: nn.Module, k: int, name: str, leaves: list, outputs: list) -> CallPlan:
-        """This call's plan: from the probe, or (sharded, empty batch) the batch first everywhere."""
+        """This call's plan: from the probe, or (sharded) the batch first everywhere."""
         B = self._batch
         if self._plan is None:
             d = 0 if self.batch_first else 1
@@ -408,6 +426,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             outputs, in_dims[0], out_dims = [result], 0, [0]
         names = []
         if rule_for(module) is None:
+            result, outputs = behind_identity(output)
             if not same_rng_states(self._rng_at_call.pop(module), rng_states(module)):
                 raise UnsupportedModuleError(
                     f"layer {name} ({type(module).__name__}) has no per-sample rule and its forward draws random "
@@ -441,6 +460,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
 
     def _watch(self, call: Call, outputs: list) -> None:
         """Tensor hooks on the floating outputs that need a gradient: they fill call.grads."""
+        call.out_versions = [y._version if torch.is_tensor(y) else None for y in outputs]
         for j, y in enumerate(outputs):
             if torch.is_tensor(y) and y.requires_grad:
                 call.waiting += 1
@@ -457,11 +477,13 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
 
         return store
 
-    def _record_root(self, args, kwargs, output, own: List[str], B: int, batch_dim: int) -> None:
+    def _record_root(self, args, kwargs, output, own: List[str], B: int, batch_dim: int):
         """The root's call, for torch.func per-sample gradients of its own parameters and of the layers
-        called on shared inputs whose output cannot be expanded ("rerun")."""
+        called on shared inputs whose output cannot be expanded ("rerun").  Returns the output with
+        each tensor leaf behind an identity view: its gradient is then the one from outside the model
+        only (a returned tensor may also feed other outputs, as T5's encoder states feed its decoder)."""
         leaves, spec = tree_flatten((args, kwargs))
-        outputs = tree_flatten(output)[0]
+        output, outputs = behind_identity(output)
         in_dims = [batch_dim if torch.is_tensor(x) and x.dim() > batch_dim and x.shape[batch_dim] == B else None for x in leaves]
         out_dims = self._plan.root_out_dims if self._plan is not None else [batch_dim] * len(outputs)
         prefix = {m: n for n, m in self._module.named_modules()}
@@ -473,6 +495,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         )
         self._root_call = call
         self._watch(call, outputs)
+        return output
 
     # ---- views -----------------------------------------------------------------------------------
     def _finish(self, call: Call) -> None:
@@ -500,7 +523,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def _view(self, call: Call):
         if call.how == "func":
             label = f"layer {call.name} ({type(call.module).__name__})" if call.module is not self._module else "the model"
-            return FuncSamples(call.module, call.names, call.leaves, call.spec, call.in_dims, call.outputs, call.out_dims, call.grads, label)
+            outputs = [y if torch.is_tensor(y) and y._version == v else None for y, v in zip(call.outputs, call.out_versions)]  # None: changed in place since
+            return FuncSamples(call.module, call.names, call.leaves, call.spec, call.in_dims, outputs, call.out_dims, call.grads, label)
         args = tree_unflatten(call.leaves, call.spec)[0]
         x = args[0].movedim(call.in_dims[0], 0)
         G = call.grads[0].movedim(call.out_dims[0], 0)
@@ -612,3 +636,4 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self._rng_at_call.clear()
         self.single_sample_step = False
         object.__setattr__(self, "_root_call", None)
+        object.__setattr__(self, "_batch", None)

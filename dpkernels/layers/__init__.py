@@ -3,8 +3,11 @@
     view = samples_of(module, inputs, G)    inputs: the layer's forward inputs, G: grad of its output
     view.norm_sq()        -> {param: [B]}   per-sample squared gradient norm of each trainable param
     view.clipped_grad(c)  -> {param: grad}  sum_i c_i g_i for each trainable param
+    view.grad_forms()     -> {param: Factors or [B, *shape]}  for parameters used by several calls
+                                            (cross terms between the uses, layers/shared.py)
 
-The clipping algorithms (ghost, bookkeeping) only orchestrate these two calls.
+The clipping algorithms (ghost, bookkeeping) only orchestrate these calls.  Modules without a rule
+get per-sample gradients from torch.func (layers/func.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ import warnings
 
 import opacus
 from opacus.grad_sample import AbstractGradSampleModule
+from opacus.utils.module_utils import trainable_modules
+from opacus.validators import ModuleValidator
+from opacus.validators.errors import IllegalModuleConfigurationError
+from opacus.validators.errors import UnsupportedModuleError as OpacusUnsupportedModuleError
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
@@ -60,6 +64,18 @@ def warn_flash_without_cuda(module: nn.Module, mode: str) -> None:
         )
 
 
+def validate_for_dpkernels(module: nn.Module) -> None:
+    """Opacus's module validation (train mode, BatchNorm and other layers Opacus refuses), except its
+    refusal of nn.MultiheadAttention, which the dpkernels modes train as it is (layers/func.py)."""
+    errors = [] if module.training else [IllegalModuleConfigurationError("Model needs to be in training mode")]
+    for _, sub in trainable_modules(module):
+        kind = type(sub)
+        if kind in ModuleValidator.VALIDATORS and not issubclass(kind, nn.MultiheadAttention):
+            errors.extend(ModuleValidator.VALIDATORS[kind](sub))
+    if errors:
+        raise OpacusUnsupportedModuleError(errors)
+
+
 class PrivacyEngine(opacus.PrivacyEngine):
     """Opacus's PrivacyEngine, plus ``grad_sample_mode`` in ``dpkernels.modes.MODES``."""
 
@@ -69,7 +85,7 @@ class PrivacyEngine(opacus.PrivacyEngine):
         mode = get_mode(grad_sample_mode)
         if not kwargs.get("wrap_model", True):
             raise ValueError(f"grad_sample_mode={mode.name!r} needs wrap_model=True")
-        self.validate(module=module, optimizer=None, data_loader=None)
+        validate_for_dpkernels(module)
         if isinstance(module, AbstractGradSampleModule):
             raise ValueError("pass the plain nn.Module to make_private, not an already wrapped one")
         if mode.fsdp != isinstance(module, FSDPModule):

@@ -3,8 +3,11 @@
     view = samples_of(module, inputs, G)    inputs: the layer's forward inputs, G: grad of its output
     view.norm_sq()        -> {param: [B]}   per-sample squared gradient norm of each trainable param
     view.clipped_grad(c)  -> {param: grad}  sum_i c_i g_i for each trainable param
+    view.grad_forms()     -> {param: Factors or [B, *shape]}  for parameters used by several calls
+                                            (cross terms between the uses, layers/shared.py)
 
-The clipping algorithms (ghost, bookkeeping) only orchestrate these two calls.
+The clipping algorithms (ghost, bookkeeping) only orchestrate these calls.  Modules without a rule
+get per-sample gradients from torch.func (layers/func.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from .conv import ConvSamples
 from .embedding import EmbeddingSamples
-from .linear import LinearSamples
+from .linear import LinearSamples, TransposedLinearSamples
 from .materialised import MaterialisedGrads
-from .norms import NormLayerSamples
+from .norms import HF_RMSNORMS, NormLayerSamples
 
 FAMILIES = {
     nn.Linear: LinearSamples,
@@ -32,10 +35,14 @@ FAMILIES = {
     nn.Conv2d: ConvSamples,
 }
 
+# Layers of other packages, matched by qualified class name so that they are never imported here.
+BY_NAME = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearSamples,  # y = x W + b, W stored [in, out]
+    **{name: NormLayerSamples for name in HF_RMSNORMS},  # y = w * h(x), see layers/norms.py
+}
 
-# RMSNorms of ``transformers`` models (y = w * x / sqrt(mean(x^2) + variance_epsilon)), matched by
-# qualified class name so that transformers is never imported here.
-HF_RMSNORMS = {"transformers.models.llama.modeling_llama.LlamaRMSNorm"}
+# Subclasses of a family that override forward with the same function (checked in the tests).
+SAME_FUNCTION = {"timm.layers.norm.LayerNorm"}  # F.layer_norm, or a fused kernel of it
 
 
 class MaterialisedSamples(MaterialisedGrads):
@@ -57,13 +64,25 @@ def layer_type(module: nn.Module) -> type:
     return kind
 
 
+def qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def rule_for(module: nn.Module) -> Optional[type]:
-    """The per-sample class for this module's exact type, or None if the type is unsupported."""
+    """The per-sample class for this module, or None (then clipping/module.py uses torch.func).
+
+    Found through the class hierarchy: a subclass of a family (timm's LayerNorm, PyTorch's
+    NonDynamicallyQuantizableLinear, FSDP2's swapped classes) gets the family's rule only if its
+    forward IS the family's forward or is listed in SAME_FUNCTION; a subclass that changes the
+    math gets no rule.  Opacus's registered grad samplers are matched by exact type.
+    """
     kind = layer_type(module)
-    if kind in FAMILIES:
-        return FAMILIES[kind]
-    if f"{kind.__module__}.{kind.__qualname__}" in HF_RMSNORMS:
-        return NormLayerSamples
+    if qualified_name(kind) in BY_NAME:
+        return BY_NAME[qualified_name(kind)]
+    for base in kind.__mro__:
+        if base in FAMILIES:
+            same = kind.forward is base.forward or qualified_name(kind) in SAME_FUNCTION
+            return FAMILIES[base] if same else None
     if kind in GradSampleModule.GRAD_SAMPLERS:
         return MaterialisedSamples
     return None
@@ -76,6 +95,6 @@ def samples_of(module: nn.Module, inputs, G: torch.Tensor, linear_method: str = 
     per-sample gradients instead of the layer's input and output gradient where that is cheaper.
     """
     rule = rule_for(module)
-    if rule is LinearSamples:
-        return LinearSamples(module, inputs, G, method=linear_method, keep=keep)
+    if issubclass(rule, LinearSamples):
+        return rule(module, inputs, G, method=linear_method, keep=keep)
     return rule(module, inputs, G)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import bias_norm_sq, clipped_bias_grad, clipped_weight_grad, weight_norm_sq
+from .linear import bias_grads, bias_norm_sq, clipped_bias_grad, clipped_weight_grad, common_dtype, weight_norm_sq
 
 
 def check_shapes(module: nn.Module, x: torch.Tensor, G: torch.Tensor) -> None:
@@ -98,4 +98,15 @@ class ConvSamples:
             out[weight] = per_group_grad.reshape(weight.shape)
         if self.module.bias is not None and self.module.bias.requires_grad:
             out[self.module.bias] = clipped_bias_grad(self.G_rows, coef)
+        return out
+
+    def grad_forms(self) -> Dict[nn.Parameter, torch.Tensor]:
+        """The per-sample gradients materialised: W_{i,j} = G_{i,j}^T A_{i,j} per group, [B, *weight.shape]."""
+        out = {}
+        weight = self.module.weight
+        if weight.requires_grad:
+            A, G = common_dtype(self.A, self.G)
+            out[weight] = torch.einsum("bgqo,bgqi->bgoi", G, A).reshape(A.shape[0], *weight.shape)
+        if self.module.bias is not None and self.module.bias.requires_grad:
+            out[self.module.bias] = bias_grads(self.G_rows)
         return out

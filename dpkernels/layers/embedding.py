@@ -103,3 +103,11 @@ class EmbeddingSamples:
             return {}
         V = self.module.num_embeddings
         return {self.module.weight: clipped_embedding_grad(self.ids, self.G, self.keep, V, coef)}
+
+    def grad_forms(self) -> Dict[nn.Parameter, object]:
+        """W_i = onehot(x_i)^T G_i: factors with one-hot left rows (layers/shared.py)."""
+        from .shared import Factors
+
+        if not self.module.weight.requires_grad:
+            return {}
+        return {self.module.weight: Factors(None, self.G, ids=self.ids, keep=self.keep)}

@@ -128,18 +128,24 @@ def clipped_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 
 class LinearSamples:
-    """The per-sample gradients of one ``nn.Linear`` call.
+    """The per-sample gradients of one ``nn.Linear`` call (or a ``transformers`` ``Conv1D``, see below).
 
     Kept as the factors (A, G), or, when ``keep`` is set (bookkeeping) and the per-sample gradients
     are cheaper than the factors (T (d + p) >= d p, where "direct" is chosen), as W_i [B, p, d]
     themselves: computed once by one bmm (the flops of the dW GEMM they replace), they give the norm
     and the clipped sum sum_i c_i W_i without a further GEMM, and take less memory than A and G.
+
+    ``transposed``: the weight is stored [d, p] (``transformers.pytorch_utils.Conv1D``, y = x W + b):
+    the same math, with every weight gradient transposed; norms are unchanged.
     """
 
-    def __init__(self, module: nn.Linear, inputs, G: torch.Tensor, method: str = "auto", keep: bool = False):
+    transposed = False
+
+    def __init__(self, module: nn.Module, inputs, G: torch.Tensor, method: str = "auto", keep: bool = False):
         self.module = module
-        A = as_sequence(inputs[0], module.in_features, "nn.Linear input")
-        G = as_sequence(G, module.out_features, "nn.Linear output gradient")
+        p, d = module.weight.shape[::-1] if self.transposed else module.weight.shape
+        A = as_sequence(inputs[0], d, f"{type(module).__name__} input")
+        G = as_sequence(G, p, f"{type(module).__name__} output gradient")
         self.A, self.G = common_dtype(A, G)
         self.method = method
         with_bias = module.bias is not None and module.bias.requires_grad
@@ -149,6 +155,10 @@ class LinearSamples:
         if keep and module.weight.requires_grad and choose_method(B, T, d, G.shape[-1]) == "direct":
             self.W = per_sample_weight_grads(self.A, self.G)
             self.A = self.G = None  # W and b are all that is still needed
+
+    def _oriented(self, g: torch.Tensor) -> torch.Tensor:
+        """A weight gradient [..., p, d] in the layout of the stored weight."""
+        return g.transpose(-1, -2) if self.transposed else g
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
         weight, bias = self.module.weight, self.module.bias
@@ -169,10 +179,29 @@ class LinearSamples:
         weight, bias = self.module.weight, self.module.bias
         out = {bias: clipped_sum(self.b, coef)} if self.b is not None else {}
         if self.W is not None:
-            out[weight] = clipped_sum(self.W, coef)
+            out[weight] = self._oriented(clipped_sum(self.W, coef))
         elif weight.requires_grad:
-            out[weight] = clipped_weight_grad(self.A, self.G, coef)
+            out[weight] = self._oriented(clipped_weight_grad(self.A, self.G, coef))
         return out
+
+    def grad_forms(self) -> Dict[nn.Parameter, object]:
+        """Each parameter's per-sample gradients as factors or materialised (layers/shared.py)."""
+        from .shared import Factors
+
+        weight, bias = self.module.weight, self.module.bias
+        out = {bias: self.b} if self.b is not None else {}
+        if self.W is not None:
+            out[weight] = self._oriented(self.W)
+        elif weight.requires_grad:
+            # W_i = G_i^T A_i [p, d]; stored [d, p]: W_i^T = A_i^T G_i
+            out[weight] = Factors(self.A, self.G) if self.transposed else Factors(self.G, self.A)
+        return out
+
+
+class TransposedLinearSamples(LinearSamples):
+    """``transformers.pytorch_utils.Conv1D``: y = x W + b with W stored [d, p] (GPT-2's layers)."""
+
+    transposed = True
 
 
 class LinearInputGradOnly(torch.autograd.Function):
@@ -205,7 +234,12 @@ class LinearInputGradOnly(torch.autograd.Function):
 
 
 def forward_skipping_weight_grads(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward through LinearInputGradOnly; ``module.dpkernels_owner`` decides about dW."""
+    """nn.Linear.forward through LinearInputGradOnly; ``module.dpkernels_owner`` decides about dW.
+
+    Where the owner wants weight gradients already at forward time (hooks off: ghost's second pass
+    on a new graph, per-sample re-runs under torch.func), the plain ``F.linear``."""
+    if module.dpkernels_owner.wants_weight_grads():
+        return torch.nn.functional.linear(x, module.weight, module.bias)
     return LinearInputGradOnly.apply(x, module.weight, module.bias, module.dpkernels_owner)
 
 

@@ -11,7 +11,7 @@ from .linear import accumulation_dtype, clipped_sum, sum_sq
 
 
 class MaterialisedGrads:
-    """Per-sample gradients held by parameter name, {name: [B, *shape]}.
+    """Per-sample gradients held by parameter name (dotted, relative to ``module``), {name: [B, *shape]}.
 
     The parameters are looked up on the module when asked, so a model sharded with FSDP2 (which swaps
     a module's parameter objects between the unsharded ones of forward/backward and the sharded ones
@@ -23,7 +23,10 @@ class MaterialisedGrads:
         self.grads = grads
 
     def norm_sq(self) -> Dict[nn.Parameter, torch.Tensor]:
-        return {getattr(self.module, n): sum_sq(g) for n, g in self.grads.items()}
+        return {self.module.get_parameter(n): sum_sq(g) for n, g in self.grads.items()}
 
     def clipped_grad(self, coef: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
-        return {getattr(self.module, n): clipped_sum(g.to(accumulation_dtype(g)), coef) for n, g in self.grads.items()}
+        return {self.module.get_parameter(n): clipped_sum(g.to(accumulation_dtype(g)), coef) for n, g in self.grads.items()}
+
+    def grad_forms(self) -> Dict[nn.Parameter, torch.Tensor]:
+        return {self.module.get_parameter(n): g for n, g in self.grads.items()}

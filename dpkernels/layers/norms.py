@@ -49,12 +49,32 @@ def check_shapes(module: nn.Module, x: torch.Tensor, G: torch.Tensor) -> None:
     name = type(module).__name__
     if not ok:
         raise LayerInputError(
-            f"nn.{name} input must have shape {expected} with a batch dimension first, got {tuple(x.shape)}"
+            f"{name} input must have shape {expected} with a batch dimension first, got {tuple(x.shape)}"
         )
     if G.shape != x.shape:
         raise LayerInputError(
-            f"nn.{name} output gradient must have the input's shape {tuple(x.shape)}, got {tuple(G.shape)}"
+            f"{name} output gradient must have the input's shape {tuple(x.shape)}, got {tuple(G.shape)}"
         )
+
+
+# RMSNorms of ``transformers`` models, y = w * h(x), by qualified class name (transformers is never
+# imported here) -> how their forward computes h (each checked against the oracle in tests):
+#   "llama": h = (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype),  x32 = x in float32
+#   "t5":    h = x * rsqrt(mean(x32^2) + eps)  (float32 statistic, x's dtype promoted with float32),
+#            cast to the weight's dtype when that is float16 / bfloat16
+HF_RMSNORMS = {
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm": "llama",
+    "transformers.models.mistral.modeling_mistral.MistralRMSNorm": "llama",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm": "llama",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm": "llama",
+    "transformers.models.t5.modeling_t5.T5LayerNorm": "t5",
+    "transformers.models.mt5.modeling_mt5.MT5LayerNorm": "t5",
+}
+
+
+def hf_rmsnorm_kind(module: nn.Module):
+    kind = type(module)
+    return HF_RMSNORMS.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
 def normalised_input(module: nn.Module, x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -65,11 +85,16 @@ def normalised_input(module: nn.Module, x: torch.Tensor, dt: torch.dtype) -> tor
     shape = normalized_shape_of(module)
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(xd, shape, None, None, module.eps)
-    if hasattr(module, "variance_epsilon"):
-        # transformers' RMSNorms normalise in float32 whatever the input dtype, then cast back: do the same
+    hf = hf_rmsnorm_kind(module)
+    if hf == "llama":
         x32 = x.to(torch.float32)
-        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        return x_hat.to(x.dtype).to(dt)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype).to(dt)
+    if hf == "t5":
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x_hat = x * torch.rsqrt(variance + module.variance_epsilon)
+        if module.weight.dtype in (torch.float16, torch.bfloat16):
+            x_hat = x_hat.to(module.weight.dtype)
+        return x_hat.to(dt)
     return F.rms_norm(xd, shape, None, rms_eps(module, x))
 
 

@@ -70,7 +70,8 @@ class Call:
 
     leaves, spec: its (args, kwargs) flattened, tensors detached (``versions``: their version
     counters then); in_dims / out_dims: the batch dimension of each input / output leaf;
-    outputs: the output leaves (detached); grads: their gradients, filled in by tensor hooks.
+    outputs: the output leaves (detached; torch.func calls only, else None); grads: their gradients,
+    filled in by tensor hooks.
     """
 
     module: nn.Module
@@ -427,11 +428,14 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             params = [module.get_parameter(n) for n in names]
         else:
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        how = "rule" if rule_for(module) is not None else "func"
         call = Call(
-            module, name, "rule" if rule_for(module) is not None else "func",
+            module, name, how,
             [x.detach() if torch.is_tensor(x) else x for x in leaves], spec,
             [x._version if torch.is_tensor(x) else None for x in leaves],
-            in_dims, [y.detach() if torch.is_tensor(y) else None for y in outputs], out_dims, names,
+            # only torch.func needs the outputs; a rule's view needs inputs and output gradients, and holding
+            # its outputs would keep every layer's output alive until backward (a logits-sized tensor for a head)
+            in_dims, [y.detach() if torch.is_tensor(y) and how == "func" else None for y in outputs], out_dims, names,
             grads=[None] * len(outputs),
         )
         self._inputs[(module, k)] = call

@@ -113,3 +113,21 @@ def test_evaluation_forward_is_not_guarded(mode):
         assert F.cross_entropy(dp_model(batch[0]), batch[1]).item() > 0
     criterion(dp_model(batch[0]), batch[1]).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_flat_logits_without_shape_are_refused_and_with_shape_accepted(mode):
+    """Opacus-style flat logits need shape=(B, T, V): without it the B*T token losses are not B
+    samples' losses, and backward says so (p.grad untouched); with it the step runs."""
+    from dpkernels.models import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab=19, d=16, layers=1, heads=2, max_len=8))
+    ids, y = torch.randint(0, 19, (3, 6)), torch.randint(0, 19, (3, 6))
+    dp_model, _, criterion, _ = make_private(model, (ids, y), CASE, mode, 1.0, "mean")
+    logits = dp_model(ids)
+    with pytest.raises(ValueError, match=r"shape=\(B, T, V\)"):
+        criterion(logits.view(18, 19), y.view(18)).backward()
+    assert all(p.grad is None for p in model.parameters())
+    logits = dp_model(ids)
+    criterion(logits.view(18, 19), y.view(18), shape=(3, 6, 19)).backward()
+    assert all(p.grad is not None for p in model.parameters())

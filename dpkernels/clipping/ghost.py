@@ -16,7 +16,8 @@ def check_batch(coef: torch.Tensor, loss_per_sample: torch.Tensor) -> None:
     if coef.shape[0] != loss_per_sample.shape[0]:
         raise ValueError(
             f"the layers saw a batch of {coef.shape[0]} samples but the criterion returned "
-            f"{loss_per_sample.shape[0]} losses; check batch_first and that the criterion gives one loss per sample"
+            f"{loss_per_sample.shape[0]} losses; check batch_first and that the criterion gives one loss per sample "
+            "(flat [B*T, V] logits need shape=(B, T, V), or pass the [B, T, V] logits as they are)"
         )
 
 

@@ -9,7 +9,7 @@ class UnsupportedModuleError(ValueError):
 
 
 class TiedParameterError(ValueError):
-    """A parameter is owned by several modules, or a module runs twice in one forward pass."""
+    """A parameter is owned by several modules of an FSDP2-sharded model (unsharded models sum the uses)."""
 
 
 class LayerInputError(ValueError):

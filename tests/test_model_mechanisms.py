@@ -445,13 +445,15 @@ def test_what_cannot_be_exact_is_refused_by_name(build, error, match, mode):
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
 def test_gpt2_lm_tied_takes_the_cheap_path(mode):
     """GPT-2 as shipped: every layer call has a rule (the [1, T] position Embedding's output expanded,
-    never re-run per sample); the tied wte / lm_head get one cross term; one recorded call per layer."""
+    never re-run per sample), and autograd's Conv1D weight gradients are skipped in the norms pass."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=23, n_positions=16, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     model = transformers.GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight
     case = Case("gpt2", None, lambda B: (torch.randint(0, 23, (B, 6)), torch.randint(0, 23, (B, 6))), logits_of=lambda out: out.logits.transpose(1, 2))
     dp_model, _, criterion, _ = make_private(model, case.batch(3), case, mode, 1e-3, "mean")
+    reached = []
+    model.transformer.h[0].attn.c_attn.weight.register_hook(lambda g: reached.append(True) if g is not None else None)
     ids, y = case.batch(3)
     out = dp_model(ids)
     (plan,) = dp_model._plans.values()
@@ -459,3 +461,4 @@ def test_gpt2_lm_tied_takes_the_cheap_path(mode):
     assert plan.calls[(model.transformer.wpe, 0)].how == "expand" and dp_model._root_call is None
     criterion(out.logits.transpose(1, 2), y).backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert reached == ([] if mode == "bk" else [True]), "the Conv1D dW GEMM runs only in ghost's second pass"

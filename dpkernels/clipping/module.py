@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
-from ..layers import layer_type, rule_for, samples_of
+from ..layers import LinearSamples, TransposedLinearSamples, layer_type, rule_for, samples_of
 from ..layers.func import FuncSamples, unit_parameter_names, unit_recurses
 from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
 from ..layers.shared import cross_term
@@ -202,6 +202,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             # batch: the single-sample shortcut (clipping/single.py) applies on one process only
             sharded=sharded,
             _inputs={},  # (module, call index) -> Call, this forward's layer calls
+            _calls_of={},  # module -> index of its last call in this forward
             _param_norm_sq=[],  # (layer name, param, per-sample squared norm [B])
             _scale=1,
             _kept=[],  # bookkeeping: the views whose clipped sums go into p.grad
@@ -232,15 +233,14 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._forward_hook, with_kwargs=True))
             if rule_for(layer) is None:
                 self.autograd_grad_sample_hooks.append(layer.register_forward_pre_hook(self._pre_hook))
-            if layer_type(layer) is nn.Linear:
-                install_weight_grad_skipping(layer, self)
+            if rule_for(layer) in (LinearSamples, TransposedLinearSamples):
+                install_weight_grad_skipping(layer, self, transposed=rule_for(layer) is TransposedLinearSamples)
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
         for layer in self._layer_names:
-            if layer_type(layer) is nn.Linear:
-                uninstall_weight_grad_skipping(layer)
+            uninstall_weight_grad_skipping(layer)
 
     def wants_weight_grads(self) -> bool:
         """Whether autograd's own weight gradients are used: in ghost's second pass and at B = 1."""
@@ -404,7 +404,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         name = self._layer_names[module]
         leaves, spec = tree_flatten((args, kwargs))
         outputs = tree_flatten(output)[0]
-        k = sum(1 for (m, _) in self._inputs if m is module)
+        k = self._calls_of[module] = self._calls_of.get(module, -1) + 1
         plan = self._call_plan(module, k, name, leaves, outputs)
         if plan.how == "rerun":
             self._rerun.add(module)
@@ -621,6 +621,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
     def clear_step_state(self) -> None:
         """Drop recorded calls, norms and kept views (end of a step, or a refused step)."""
         self._inputs.clear()
+        self._calls_of.clear()
         self._param_norm_sq.clear()
         self._kept.clear()
         self._shared.clear()

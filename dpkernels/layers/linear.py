@@ -233,22 +233,26 @@ class LinearInputGradOnly(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def forward_skipping_weight_grads(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward through LinearInputGradOnly; ``module.dpkernels_owner`` decides about dW.
+def forward_skipping_weight_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward through LinearInputGradOnly; ``module.dpkernels_owner`` decides about dW.
 
-    Where the owner wants weight gradients already at forward time (hooks off: ghost's second pass
-    on a new graph, per-sample re-runs under torch.func), the plain ``F.linear``."""
+    A transposed layer (``transformers`` Conv1D, W stored [d, p]) passes the view W^T: its gradient
+    flows back transposed, or not at all.  Where the owner wants weight gradients already at forward
+    time (hooks off: ghost's second pass on a new graph, per-sample re-runs under torch.func), the
+    layer's own forward."""
     if module.dpkernels_owner.wants_weight_grads():
-        return torch.nn.functional.linear(x, module.weight, module.bias)
-    return LinearInputGradOnly.apply(x, module.weight, module.bias, module.dpkernels_owner)
+        return type(module).forward(module, x)
+    weight = module.weight.t() if module.dpkernels_transposed else module.weight
+    return LinearInputGradOnly.apply(x, weight, module.bias, module.dpkernels_owner)
 
 
-def install_weight_grad_skipping(module: nn.Linear, owner) -> None:
+def install_weight_grad_skipping(module: nn.Module, owner, transposed: bool = False) -> None:
     """Route ``module``'s forward through LinearInputGradOnly (bound to the module, so copies stay correct)."""
-    object.__setattr__(module, "dpkernels_owner", owner)  # a plain attribute, not a registered submodule
+    object.__setattr__(module, "dpkernels_owner", owner)  # plain attributes, not registered submodules
+    object.__setattr__(module, "dpkernels_transposed", transposed)
     module.forward = types.MethodType(forward_skipping_weight_grads, module)
 
 
-def uninstall_weight_grad_skipping(module: nn.Linear) -> None:
-    module.__dict__.pop("forward", None)
-    module.__dict__.pop("dpkernels_owner", None)
+def uninstall_weight_grad_skipping(module: nn.Module) -> None:
+    for name in ("forward", "dpkernels_owner", "dpkernels_transposed"):
+        module.__dict__.pop(name, None)

@@ -62,7 +62,7 @@ class FuncSamples(MaterialisedGrads):
         gs = [grads[j] for j in used]
         g_dims = [out_dims[j] for j in used]
         B = gs[0].shape[g_dims[0]] if gs else 0
-        try:  # outside no_grad: torch.func.grad still differentiates, and no graph is kept around it
+        try:  # torch.func.grad differentiates under an outer no_grad; no graph is built around it
             with torch.no_grad():
                 result, alone = vmap(per_sample, in_dims=(None, in_dims, g_dims), out_dims=(0, g_dims))(params, leaves, gs)
         except Exception:  # data-dependent control flow and the like: one sample at a time

@@ -41,6 +41,7 @@ from typing import Dict, List, NoReturn, Optional
 
 import torch
 
+from .. import __version__
 from ..models import workloads
 from . import distributed, environment, step
 from .breakdown import COMPONENTS, MB, Meter, Recorder, instrumented_step, step_breakdown
@@ -315,7 +316,7 @@ def time_steps(trainer, steps: int, micro_batches: int) -> List[float]:
 
 def versions(probe: bool) -> dict:
     """``environment.versions()`` (which names the GPU: ``probe``) plus python, opacus, transformers."""
-    out = environment.versions() if probe else {"torch": torch.__version__, "cuda": torch.version.cuda, "dpkernels": metadata.version("dpkernels")}
+    out = environment.versions() if probe else {"torch": torch.__version__, "cuda": torch.version.cuda, "dpkernels": __version__}
     out["python"] = platform.python_version()
     for pkg in ("opacus", "transformers"):
         try:

@@ -266,7 +266,7 @@ class _Spy:
 
     def reset(self):
         self.modules = []  # DPClippingModule objects built
-        self.norm_hooks = 0  # backward-hook calls of those modules with hooks enabled (norms computed)
+        self.norm_hooks = 0  # layer calls whose per-sample norms those modules computed
         self.losses = 0  # PrivateLoss objects built
 
     def check(self, test_id: str, needs) -> None:
@@ -289,24 +289,23 @@ def dpkernels_under_opacus_names(request, monkeypatch):
     SPY.reset()
 
     init = DPClippingModule.__init__
-    hook = DPClippingModule.capture_backprops_hook
+    finish = DPClippingModule._finish
     loss_init = PrivateLoss.__init__
 
     def counting_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         SPY.modules.append(self)
 
-    def counting_hook(self, module, grad_input, grad_output):
-        if self.hooks_enabled:
-            SPY.norm_hooks += 1
-        return hook(self, module, grad_input, grad_output)
+    def counting_finish(self, call):
+        SPY.norm_hooks += 1
+        return finish(self, call)
 
     def counting_loss_init(self, *args, **kwargs):
         loss_init(self, *args, **kwargs)
         SPY.losses += 1
 
     monkeypatch.setattr(DPClippingModule, "__init__", counting_init)
-    monkeypatch.setattr(DPClippingModule, "capture_backprops_hook", counting_hook)
+    monkeypatch.setattr(DPClippingModule, "_finish", counting_finish)
     monkeypatch.setattr(PrivateLoss, "__init__", counting_loss_init)
 
     ours = getattr(request.cls, "OURS", GHOST)

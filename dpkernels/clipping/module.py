@@ -107,17 +107,22 @@ def hooked_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 
 def check_supported(model: nn.Module, sharded: bool) -> None:
-    """On an FSDP2-sharded model, raise one error listing every trainable module without a layer rule
-    (unsharded models run those through torch.func)."""
+    """Raise one error listing every trainable module without a layer rule that torch.func cannot serve:
+    on an FSDP2-sharded model, or owning a parameter that another module owns too (an alias)."""
+    owners: Dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     bad = [
         f"{name or '<root>'} ({layer_type(m).__module__}.{layer_type(m).__name__})"
         for name, m in trainable_layers(model)
-        if rule_for(m) is None and sharded
+        if rule_for(m) is None and (sharded or any(owners[id(p)] > 1 for p in m.parameters(recurse=False)))
     ]
     if bad:
         raise UnsupportedModuleError(
-            "these modules own trainable parameters but have no per-sample gradient rule usable on an "
-            "FSDP2-sharded model: " + ", ".join(bad) + ". Freeze them (requires_grad_(False)), replace them "
+            "these modules own trainable parameters but have no per-sample gradient rule usable here (an "
+            "FSDP2-sharded model, or parameters aliasing those of other modules, as Opacus's DPLSTM/DPGRU/DPRNN "
+            "do): " + ", ".join(bad) + ". Freeze them (requires_grad_(False)), replace them "
             "with supported layers (Linear, Embedding, LayerNorm, RMSNorm, GroupNorm, Conv1d, Conv2d, or a "
             "type with an Opacus grad sampler), or register an Opacus grad sampler for their type."
         )

@@ -248,8 +248,16 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             uninstall_weight_grad_skipping(layer)
 
     def wants_weight_grads(self) -> bool:
-        """Whether autograd's own weight gradients are used: in ghost's second pass and at B = 1."""
-        return not self.hooks_enabled or self.single_sample_step
+        """Whether autograd's own weight gradients are used: in every backward except the norms pass of
+        the returned criterion (so in ghost's second pass, at B = 1, and in a copy of the model, e.g.
+        ``copy.deepcopy``, trained by a plain loss, whose layers still carry a reference to this wrapper)."""
+        in_norms_pass = self.hooks_enabled and self.__dict__.get("_in_private_backward", False)
+        return not in_norms_pass or self.single_sample_step
+
+    def may_skip_weight_grads(self) -> bool:
+        """At forward time: whether a Linear layer routes through ``LinearInputGradOnly`` (its backward then
+        asks ``wants_weight_grads``); with the hooks off or at B = 1, the layer's own forward."""
+        return self.hooks_enabled and not self.single_sample_step
 
     def _active(self, module: nn.Module) -> bool:
         """Whether this layer call is recorded: in a forward through this wrapper, of two samples or more."""
@@ -588,9 +596,10 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         missed = [n for n, p in self._module.named_parameters() if p.requires_grad and p.grad is not None and p not in covered]
         if missed:
             raise UnsupportedModuleError(
-                f"parameters {missed} received gradients outside every recorded layer call (a forward that uses "
-                "another module's parameters directly?), so they have no per-sample gradients; call the layer "
-                "that owns them, or freeze them"
+                f"parameters {missed} received gradients outside every recorded layer call (frozen when "
+                "make_private wrapped the model and unfrozen since, or a forward that uses another module's "
+                "parameters directly?), so they have no per-sample gradients; call make_private after "
+                "unfreezing, call the layer that owns them, or freeze them"
             )
 
     def _describe_non_finite(self, table: torch.Tensor) -> str:

@@ -240,7 +240,7 @@ def forward_skipping_weight_grads(module: nn.Module, x: torch.Tensor) -> torch.T
     flows back transposed, or not at all.  Where the owner wants weight gradients already at forward
     time (hooks off: ghost's second pass on a new graph, per-sample re-runs under torch.func), the
     layer's own forward."""
-    if module.dpkernels_owner.wants_weight_grads():
+    if not module.dpkernels_owner.may_skip_weight_grads():
         return type(module).forward(module, x)
     weight = module.weight.t() if module.dpkernels_transposed else module.weight
     return LinearInputGradOnly.apply(x, weight, module.bias, module.dpkernels_owner)

@@ -429,7 +429,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             leaves[0] = expand_to_batch(leaves[0], leading, self._batch)
             outputs, in_dims[0], out_dims = [result], 0, [0]
         names = []
-        if rule_for(module) is None:
+        how = "rule" if rule_for(module) is not None else "func"  # one class-hierarchy lookup per call
+        if how == "func":
             result, outputs = behind_identity(output)
             if not same_rng_states(self._rng_at_call.pop(module), rng_states(module)):
                 raise UnsupportedModuleError(
@@ -441,7 +442,6 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             params = [module.get_parameter(n) for n in names]
         else:
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        how = "rule" if rule_for(module) is not None else "func"
         call = Call(
             module, name, how,
             [x.detach() if torch.is_tensor(x) else x for x in leaves], spec,

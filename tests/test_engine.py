@@ -128,6 +128,26 @@ def test_non_finite_norm_refuses_the_step_and_names_the_sample(mode):
     assert dp_model._inputs == {} and dp_model._kept == [] and dp_model._param_norm_sq == []
 
 
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_non_finite_norm_on_a_first_micro_batch_leaves_no_gradient(mode):
+    """Without an accumulated gradient, bookkeeping queues the clipped sums before it waits for the
+    finiteness check: a refused step must still leave every p.grad None, and the next step is exact."""
+    model = MLP()
+    dp_model, optimizer, criterion, _ = make_private(model, mlp_batch(4), MLP_CASE, mode, 1.0, "sum")
+    x, y = mlp_batch(4)
+    bad = x.clone()
+    bad[1, 2] = float("inf")
+    with pytest.raises(NonFiniteNormError, match=r"samples \[1\]"):
+        criterion(dp_model(bad), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    criterion(dp_model(x), y).backward()
+    clean = MLP()
+    clean.load_state_dict(model.state_dict())
+    dp_clean, _, criterion_clean, _ = make_private(clean, mlp_batch(4), MLP_CASE, mode, 1.0, "sum")
+    criterion_clean(dp_clean(x), y).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), clean.parameters()))
+
+
 class Custom(nn.Module):
     def __init__(self):
         super().__init__()
@@ -287,15 +307,12 @@ def test_criterion_is_restored_and_must_give_per_sample_losses():
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
 def test_noise_comes_from_opacus_generator(mode, monkeypatch):
-    """Same seeded generator -> identical noisy updates; the noise goes through Opacus's _generate_noise."""
-    import opacus.optimizers.optimizer as opacus_optimizer
-
+    """Same seeded generator -> identical noisy updates; every parameter's noise is drawn from it."""
     import dpkernels.optimizer as ours
 
-    assert ours._generate_noise is opacus_optimizer._generate_noise
     calls = []
-    real = ours._generate_noise
-    monkeypatch.setattr(ours, "_generate_noise", lambda **kw: calls.append(kw) or real(**kw))
+    real = ours.gaussian_noise
+    monkeypatch.setattr(ours, "gaussian_noise", lambda *a: calls.append(dict(zip(("std", "reference", "generator", "secure_mode"), a))) or real(*a))
     updates = []
     for _ in range(2):
         model = MLP()
@@ -312,6 +329,24 @@ def test_noise_comes_from_opacus_generator(mode, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*updates))
     assert len(calls) == 2 * len(list(MLP().parameters()))
     assert all(kw["generator"] is not None for kw in calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("std", [0.0, 0.7])
+def test_noise_is_opacus_noise_bit_for_bit(dtype, std):
+    """dpkernels' noise (without Opacus's discarded zero tensor) is Opacus's ``_generate_noise``: the same
+    numbers from the same generator state, and the generator moves on alike."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    from dpkernels.optimizer import gaussian_noise
+
+    reference = torch.empty(3, 5, dtype=dtype)
+    ours, theirs = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for _ in range(2):
+        a = gaussian_noise(std, reference, ours, False)
+        b = _generate_noise(std=std, reference=reference, generator=theirs, secure_mode=False)
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    assert torch.equal(ours.get_state(), theirs.get_state())
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)

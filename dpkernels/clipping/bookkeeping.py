@@ -17,7 +17,7 @@ from .single import single_sample_backward
 def bookkeeping_backward(module, loss_per_sample: torch.Tensor, loss_reduction: str) -> None:
     if module.single_sample_step:
         return single_sample_backward(module, loss_per_sample, loss_reduction)
-    coef = norms_pass(module, loss_per_sample, loss_reduction, retain_graph=False)
+    coef = norms_pass(module, loss_per_sample, loss_reduction, retain_graph=False, check_finite=False)
     try:
         module.add_clipped_grads(coef)
     finally:

@@ -21,13 +21,14 @@ def check_batch(coef: torch.Tensor, loss_per_sample: torch.Tensor) -> None:
         )
 
 
-def norms_pass(module, loss_per_sample: torch.Tensor, loss_reduction: str, retain_graph: bool) -> torch.Tensor:
-    """Backward with hooks on; returns c [B].  p.grad is left exactly as before, also on error."""
+def norms_pass(module, loss_per_sample: torch.Tensor, loss_reduction: str, retain_graph: bool, check_finite: bool = True) -> torch.Tensor:
+    """Backward with hooks on; returns c [B].  p.grad is left exactly as before, also on error.
+    check_finite=False: the caller checks the norms (``module.check_norms_finite``) before changing p.grad."""
     params = module.trainable_parameters
     saved = stash_grads(params)
     try:
         quiet_backward(reduce_loss(loss_per_sample, loss_reduction), retain_graph=retain_graph)
-        coef = module.get_clipping_coef()
+        coef = module.get_clipping_coef(check_finite=check_finite)
         check_batch(coef, loss_per_sample)
     except BaseException:
         module.clear_step_state()

@@ -31,6 +31,7 @@ every layer input has the batch first (no probe: ranks may see different shapes)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -41,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import LayerInputError, NonFiniteNormError, TiedParameterError, UnsupportedModuleError
 from ..layers import LinearSamples, TransposedLinearSamples, layer_type, rule_for, samples_of
 from ..layers.func import FuncSamples, unit_parameter_names, unit_recurses
-from ..layers.linear import install_weight_grad_skipping, uninstall_weight_grad_skipping
+from ..layers.linear import install_weight_grad_skipping, send_output_grad, uninstall_weight_grad_skipping
 from ..layers.shared import cross_term
 from .coefficients import clip_coefficients
 from .loss import guard_outputs
@@ -144,6 +145,26 @@ def check_untied(model: nn.Module) -> None:
         )
 
 
+@lru_cache(maxsize=None)
+def positional_spec(n: int):
+    """The pytree spec of ``(args, kwargs)`` for n positional leaves and no keyword arguments."""
+    return tree_flatten(((0,) * n, {}))[1]
+
+
+def call_leaves(args: tuple, kwargs: dict, output) -> tuple:
+    """(input leaves, their spec, output leaves) of one layer call.  The common call, tensors in and
+    one tensor out, skips pytree flattening (it runs for every layer call of every step)."""
+    if not kwargs and torch.is_tensor(output) and all(torch.is_tensor(a) for a in args):
+        return list(args), positional_spec(len(args)), [output]
+    leaves, spec = tree_flatten((args, kwargs))
+    return leaves, spec, tree_flatten(output)[0]
+
+
+def trainable_own(module: nn.Module) -> list:
+    """The module's own parameters that require a gradient now."""
+    return [p for p in module._parameters.values() if p is not None and p.requires_grad]
+
+
 def behind_identity(output):
     """(output, its leaves) with every tensor leaf that needs a gradient replaced by an identity view:
     a tensor hook on the view sees only the gradient from outside the module, not that from the
@@ -214,6 +235,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             _shared=[],  # (layer name, view) of calls whose parameters have several uses
             _uses={},  # param -> number of calls using it in this forward
             _layer_names={},
+            _rules={},  # hooked layer -> its per-sample rule (dpkernels.layers), or None: torch.func
             _plans={},  # input signature -> Plan (clipping/batch.py)
             _plan=None,
             _recording=None,
@@ -221,6 +243,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             _root_call=None,
             _rerun=set(),  # modules whose per-sample gradients come from torch.func over the root
             _rng_at_call={},
+            _finite=None,  # (the norms are finite: a device bool, the [entries, B] table), see check_norms_finite
             single_sample_step=False,
         )
         for key, value in state.items():
@@ -235,17 +258,22 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
         for name, layer in hooked_layers(self._module):
             self._layer_names[layer] = name or "<root>"
+            rule = self._rules[layer] = rule_for(layer)
             self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self._forward_hook, with_kwargs=True))
-            if rule_for(layer) is None:
+            if rule is None:
                 self.autograd_grad_sample_hooks.append(layer.register_forward_pre_hook(self._pre_hook))
-            if rule_for(layer) in (LinearSamples, TransposedLinearSamples):
-                install_weight_grad_skipping(layer, self, transposed=rule_for(layer) is TransposedLinearSamples)
+            if rule in (LinearSamples, TransposedLinearSamples):
+                install_weight_grad_skipping(layer, self, transposed=rule is TransposedLinearSamples)
         self.enable_hooks()
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
         for layer in self._layer_names:
             uninstall_weight_grad_skipping(layer)
+
+    def _rule(self, module: nn.Module) -> Optional[type]:
+        """The layer's per-sample rule, looked up once when the hooks were added."""
+        return self._rules[module] if module in self._rules else rule_for(module)
 
     def wants_weight_grads(self) -> bool:
         """Whether autograd's own weight gradients are used: in every backward except the norms pass of
@@ -384,7 +412,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         B = self._batch
         if self._plan is None:
             d = 0 if self.batch_first else 1
-            plan = CallPlan([d if torch.is_tensor(x) else None for x in leaves], [d if torch.is_tensor(y) else None for y in outputs], "rule" if rule_for(module) is not None else "func")
+            plan = CallPlan([d if torch.is_tensor(x) else None for x in leaves], [d if torch.is_tensor(y) else None for y in outputs], "rule" if self._rule(module) is not None else "func")
         else:
             plan = self._plan.calls.get((module, k))
             if plan is None:
@@ -415,8 +443,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         if not self._active(module):
             return None
         name = self._layer_names[module]
-        leaves, spec = tree_flatten((args, kwargs))
-        outputs = tree_flatten(output)[0]
+        leaves, spec, outputs = call_leaves(args, kwargs, output)
         k = self._calls_of[module] = self._calls_of.get(module, -1) + 1
         plan = self._call_plan(module, k, name, leaves, outputs)
         if plan.how == "rerun":
@@ -429,7 +456,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             leaves[0] = expand_to_batch(leaves[0], leading, self._batch)
             outputs, in_dims[0], out_dims = [result], 0, [0]
         names = []
-        how = "rule" if rule_for(module) is not None else "func"  # one class-hierarchy lookup per call
+        how = "rule" if self._rule(module) is not None else "func"
         if how == "func":
             result, outputs = behind_identity(output)
             if not same_rng_states(self._rng_at_call.pop(module), rng_states(module)):
@@ -441,7 +468,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             names = unit_parameter_names(module, unit_recurses(module))
             params = [module.get_parameter(n) for n in names]
         else:
-            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            params = trainable_own(module)
         call = Call(
             module, name, how,
             [x.detach() if torch.is_tensor(x) else x for x in leaves], spec,
@@ -466,12 +493,15 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         return output if module in rec.expand else None
 
     def _watch(self, call: Call, outputs: list) -> None:
-        """Tensor hooks on the floating outputs that need a gradient: they fill call.grads."""
+        """Tensor hooks on the floating outputs that need a gradient: they fill call.grads.  A Linear
+        layer's own backward (LinearInputGradOnly) hands its output gradient over without a hook."""
         call.out_versions = [y._version if torch.is_tensor(y) else None for y in outputs]
         for j, y in enumerate(outputs):
             if torch.is_tensor(y) and y.requires_grad:
                 call.waiting += 1
-                y.register_hook(self._grad_hook(call, j))
+                store = self._grad_hook(call, j)
+                if not (call.how == "rule" and send_output_grad(y, self, store)):
+                    y.register_hook(store)
 
     def _grad_hook(self, call: Call, j: int):
         def store(grad: torch.Tensor) -> None:
@@ -532,17 +562,20 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             label = f"layer {call.name} ({type(call.module).__name__})" if call.module is not self._module else "the model"
             outputs = [y if torch.is_tensor(y) and y._version == v else None for y, v in zip(call.outputs, call.out_versions)]  # None: changed in place since
             return FuncSamples(call.module, call.names, call.leaves, call.spec, call.in_dims, outputs, call.out_dims, call.grads, label)
-        args = tree_unflatten(call.leaves, call.spec)[0]
-        x = args[0].movedim(call.in_dims[0], 0)
-        G = call.grads[0].movedim(call.out_dims[0], 0)
-        return samples_of(call.module, (x, *args[1:]), G, linear_method=self.linear_norm, keep=self.keep_samples)
+        args = call.leaves if call.spec is positional_spec(len(call.leaves)) else tree_unflatten(call.leaves, call.spec)[0]
+        x, G = args[0], call.grads[0]
+        x = x if call.in_dims[0] == 0 else x.movedim(call.in_dims[0], 0)
+        G = G if call.out_dims[0] == 0 else G.movedim(call.out_dims[0], 0)
+        return samples_of(call.module, (x, *args[1:]), G, linear_method=self.linear_norm, keep=self.keep_samples, rule=self._rule(call.module))
 
     # ---- norms and coefficients ----------------------------------------------------------------
-    def get_norm_sample(self) -> torch.Tensor:
+    def get_norm_sample(self, check_finite: bool = True) -> torch.Tensor:
         """||g_i|| over every trainable parameter, [B]; raises NonFiniteNormError on NaN/Inf.
 
         The per-parameter squared norms are scaled and reduced in a few batched operations here,
         not per layer in the hooks; each parameter's ``_norm_sample`` (Opacus's attribute) is its row.
+        check_finite=False leaves the check (a host synchronisation) to ``check_norms_finite``, which
+        bookkeeping calls once the clipped gradients are queued and before any p.grad changes.
         """
         if self._batch == 0:
             self.per_sample_gradient_norms = torch.zeros(0)
@@ -566,16 +599,33 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         table = torch.stack([sq.to(first.device, dt) for _, _, sq in self._param_norm_sq])  # [entries, B]
         table *= self._scale * self._scale
         total = table.sum(0)
-        if not bool(torch.isfinite(total).all()):
-            raise NonFiniteNormError(self._describe_non_finite(table))
-        per_param: Dict[nn.Parameter, torch.Tensor] = {}
-        for (_, p, _), row in zip(self._param_norm_sq, table):
-            per_param[p] = row if p not in per_param else per_param[p] + row
-        for p, sq in per_param.items():
-            p._norm_sample = sq.clamp(min=0).sqrt().to(p.dtype)
+        object.__setattr__(self, "_finite", (torch.isfinite(total).all(), table))
+        if check_finite:
+            self.check_norms_finite()
+        self._set_param_norms(table)
         norms = total.clamp(min=0).sqrt()
         self.per_sample_gradient_norms = norms
         return norms
+
+    def check_norms_finite(self) -> None:
+        """Raise NonFiniteNormError if this step's per-sample norms hold a NaN or Inf (waits for them)."""
+        if self._finite is None:  # an empty batch: no norms
+            return
+        finite, table = self._finite
+        if not bool(finite):
+            raise NonFiniteNormError(self._describe_non_finite(table))
+
+    def _set_param_norms(self, table: torch.Tensor) -> None:
+        """p._norm_sample = sqrt of the sum of p's rows of ``table`` [entries, B]: one square root over the
+        table, each parameter with one entry taking its row (a view); several entries (a parameter with
+        several uses and their cross terms) are summed first."""
+        rows: Dict[nn.Parameter, list] = {}
+        for i, (_, p, _) in enumerate(self._param_norm_sq):
+            rows.setdefault(p, []).append(i)
+        roots = table.clamp(min=0).sqrt()
+        for p, idx in rows.items():
+            norm = roots[idx[0]] if len(idx) == 1 else table[idx].sum(0).clamp(min=0).sqrt()
+            p._norm_sample = norm if norm.dtype == p.dtype else norm.to(p.dtype)
 
     def _add_cross_terms(self) -> None:
         """2 <g_u, g_v> per sample for every pair of uses of a parameter (layers/shared.py)."""
@@ -612,15 +662,25 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             "the loss of those samples (or lower the learning rate / use loss scaling)."
         )
 
-    def get_clipping_coef(self) -> torch.Tensor:
-        """c_i = min(1, C / (||g_i|| + 1e-6)), [B]."""
-        return clip_coefficients(self.get_norm_sample(), self.max_grad_norm)
+    def get_clipping_coef(self, check_finite: bool = True) -> torch.Tensor:
+        """c_i = min(1, C / (||g_i|| + 1e-6)), [B] (check_finite: see ``get_norm_sample``)."""
+        return clip_coefficients(self.get_norm_sample(check_finite), self.max_grad_norm)
 
     def add_clipped_grads(self, coef: torch.Tensor) -> None:
-        """Bookkeeping: p.grad += sum_i c_i g_i for every kept call (uses, then drops, the views)."""
+        """Bookkeeping: p.grad += sum_i c_i g_i for every kept call (uses, then drops, the views).
+
+        The norms' finiteness (``check_norms_finite``) is checked before any p.grad changes.  Where no
+        p.grad is held yet (the first micro-batch of a step), the clipped gradients are all queued on
+        the device first, so that the device works while the host waits for the check; otherwise
+        (accumulating, or FSDP2's bucketed sums) the check comes first and the sums one at a time."""
         kept, self._kept[:] = list(self._kept), []
         scaled = coef * self._scale
         clipped = ((p, g.to(p.dtype)) for view in kept for p, g in view.clipped_grad(scaled).items())
+        if self.sharded or any(p.grad is not None for p in self.trainable_parameters):
+            self.check_norms_finite()
+        else:
+            clipped = list(clipped)  # becomes p.grad: no memory beyond the gradients
+            self.check_norms_finite()
         if self.sharded:  # FSDP2: the mean over ranks, bucketed, into the shards (clipping/sharded.py)
             clipped = mean_over_ranks_into_shards(clipped)
         for p, g in clipped:
@@ -644,4 +704,5 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self._rng_at_call.clear()
         self.single_sample_step = False
         object.__setattr__(self, "_root_call", None)
+        object.__setattr__(self, "_finite", None)
         object.__setattr__(self, "_batch", None)

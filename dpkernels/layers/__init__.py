@@ -88,13 +88,14 @@ def rule_for(module: nn.Module) -> Optional[type]:
     return None
 
 
-def samples_of(module: nn.Module, inputs, G: torch.Tensor, linear_method: str = "auto", keep: bool = False):
+def samples_of(module: nn.Module, inputs, G: torch.Tensor, linear_method: str = "auto", keep: bool = False, rule: Optional[type] = None):
     """The per-sample view of one call of ``module`` (see the module docstring).
 
     keep: the view will be asked for clipped gradients later (bookkeeping), so it may hold
     per-sample gradients instead of the layer's input and output gradient where that is cheaper.
+    rule: ``rule_for(module)``, where the caller has it already (looked up here otherwise).
     """
-    rule = rule_for(module)
+    rule = rule or rule_for(module)
     if issubclass(rule, LinearSamples):
         return rule(module, inputs, G, method=linear_method, keep=keep)
     return rule(module, inputs, G)

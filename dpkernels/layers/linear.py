@@ -13,6 +13,7 @@ Two exact strategies for ||W_i||_F^2:
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Dict
 
@@ -67,9 +68,10 @@ def weight_norm_sq_ghost(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """sum_{s,t} (a_s . a_t)(g_s . g_t) per sample.  A: [B, T, d], G: [B, T, p] -> [B]."""
     A, G = common_dtype(A, G)
     dt = accumulation_dtype(A, G)
-    gram_a = torch.bmm(A, A.transpose(1, 2))
-    gram_g = torch.bmm(G, G.transpose(1, 2))
-    return torch.einsum("bst,bst->b", gram_a.to(dt), gram_g.to(dt))
+    B, T = A.shape[:2]
+    gram_a = torch.bmm(A, A.transpose(1, 2)).to(dt).reshape(B, 1, T * T)
+    gram_g = torch.bmm(G, G.transpose(1, 2)).to(dt).reshape(B, T * T, 1)
+    return torch.bmm(gram_a, gram_g).reshape(B)
 
 
 def per_sample_weight_grads(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,8 @@ def clipped_bias_grad(G: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 def clipped_sum(per_sample: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """sum_i coef_i x_i.  per_sample: [B, ...] -> [...] (in per_sample's dtype)."""
-    return torch.einsum("b...,b->...", per_sample, coef.to(per_sample.dtype))
+    rows = per_sample.reshape(per_sample.shape[0], math.prod(per_sample.shape[1:]))  # [B, n], also for B = 0 or x_i scalar
+    return (coef.to(per_sample.dtype) @ rows).reshape(per_sample.shape[1:])
 
 
 class LinearSamples:
@@ -220,6 +223,9 @@ class LinearInputGradOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G):
+        sink = getattr(ctx, "output_grad_sink", None)
+        if sink is not None:  # set by send_output_grad: the owner takes G here instead of from a tensor hook
+            sink(G)
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -231,6 +237,17 @@ class LinearInputGradOnly(torch.autograd.Function):
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = G2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
+
+
+def send_output_grad(y: torch.Tensor, owner, sink) -> bool:
+    """If ``y`` is the output of a ``LinearInputGradOnly`` call of ``owner``'s, have its backward pass
+    its output gradient G to ``sink(G)`` (what a tensor hook on ``y`` would receive, without a hook's
+    cost) and return True; else False."""
+    node = y.grad_fn
+    if type(node) is not LinearInputGradOnly._backward_cls or node.owner is not owner:
+        return False
+    node.output_grad_sink = sink
+    return True
 
 
 def forward_skipping_weight_grads(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ def gates(select: str) -> Tuple[str, ...]:
 
 
 OPTIMIZER = "dpkernels/optimizer.py"
+SHARED_TESTS = ("tests/test_model_mechanisms.py", "-k", "used_several_times and float64")  # tied and reused parameters
 CPU_KERNEL_TESTS = ("tests/test_kernels.py", "-m", "not interpreter and not gpu", "-k", "not subprocess")
 
 MUTANTS = (
@@ -150,5 +151,42 @@ MUTANTS = (
         "            self.A = self.G = None  # W and b are all that is still needed\n",
         "",
         gates("fp32 and bk"),
+    ),
+    Mutant(
+        "tied-norm-no-cross-term",
+        "a parameter used several times (tied Embedding / LM head, a layer called twice) gets ||g_i||^2 as the sum "
+        "of its uses' squared norms, without 2 <g_u,i, g_v,i>: its per-sample norms, so the clip coefficients, are wrong",
+        "dpkernels/clipping/module.py",
+        "        self._add_cross_terms()\n",
+        "",
+        SHARED_TESTS,
+    ),
+    Mutant(
+        "tied-pair-uses-per-layer",
+        "a parameter's uses counted as its layer's calls: a Linear called twice still gets its cross term, but a "
+        "weight tied across two layers called once each (Embedding and LM head) does not",
+        "dpkernels/clipping/module.py",
+        "            self._uses[p] = self._uses.get(p, 0) + 1",
+        "            self._uses[p] = k + 1",
+        SHARED_TESTS,
+    ),
+    Mutant(
+        "tied-gram-not-transposed",
+        "a tied pair whose Embedding gradient arrives first (the tied Linear called before the lookup): its "
+        "[T_u, T_v] one-hot Gram is the [T_v, T_u] one left untransposed (the same shape when T_u == T_v), so the "
+        "cross term pairs the wrong positions",
+        "dpkernels/layers/shared.py",
+        "        return left_gram(v, u, dt).transpose(1, 2)",
+        "        return left_gram(v, u, dt)",
+        SHARED_TESTS,
+    ),
+    Mutant(
+        "mixed-forms-cross-term-index",
+        "the cross term of a materialised use with a factored one (bookkeeping: a Linear called on a long and a short "
+        "sequence) sums (L_t M) . R_s over every s, t instead of s = t",
+        "dpkernels/layers/shared.py",
+        'return torch.einsum("btr,brc,btc->b", f.L.to(dt), M, R)',
+        'return torch.einsum("btr,brc,bsc->b", f.L.to(dt), M, R)',
+        SHARED_TESTS,
     ),
 )

@@ -3,7 +3,8 @@ float32 at 1e-5, a clip norm binding for some samples only):
 
 - the batch dimension proven per layer call, with T == B: a [1, T]-broadcast position Embedding,
   a Linear applied to a [T, d] tensor, a [T, T] bias table (T5's relative attention bias), T5 itself;
-- parameters used several times: a Linear called twice, tied Embedding / Linear, a shared Embedding;
+- parameters used several times: a Linear called twice (bookkeeping's materialised and factored forms
+  mixed), tied Embedding / Linear (either use's gradient first), a shared Embedding;
 - in-place operations after hooked layers (ReLU(inplace=True), ``x += shortcut``);
 - modules without a rule through torch.func: nn.MultiheadAttention (batch first or not), a module
   owning bare parameters below the root, a subclass changing its family's math;
@@ -232,12 +233,45 @@ class ConvTwice(nn.Module):
         return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).mean((2, 3)))
 
 
+class ScoreThenLookup(nn.Module):
+    """A weight tied between a Linear called first and an Embedding looked up after it, so the
+    Embedding's output gradient arrives before the Linear's (the other order of a tied pair's uses)."""
+
+    def __init__(self, vocab=7, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.score = nn.Linear(d, vocab, bias=False)
+        self.score.weight = self.emb.weight
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x, ids):
+        gate = torch.sigmoid(self.score(x)).mean(-1, keepdim=True)  # [B, T, 1]
+        return self.head(torch.tanh(self.emb(ids) * gate).mean(1))
+
+
+class LinearLongAndShort(nn.Module):
+    """One Linear on a long and a short sequence: bookkeeping materialises the long call's per-sample
+    gradients (T (d + p) >= d p) and keeps the short call's factors, so the cross term mixes the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a = torch.tanh(self.fc(x))  # [B, 9, 8]
+        b = torch.tanh(self.fc(a[:, :2]))  # [B, 2, 8]
+        return self.head(a.mean(1) * b.mean(1))
+
+
 SHARED_CASES = [
     pytest.param(LinearTwice, lambda B: (torch.randn(B, 6, 5), torch.randint(0, 3, (B,))), None, id="linear_twice"),
     pytest.param(TiedLM, lambda B: (torch.randint(0, 7, (B, 6)), torch.randint(0, 7, (B, 6))), lambda out: out.transpose(1, 2), id="tied_lm_T6"),
     pytest.param(TiedLM, lambda B: (torch.randint(0, 7, (B, 1)), torch.randint(0, 7, (B, 1))), lambda out: out.transpose(1, 2), id="tied_lm_T1"),
     pytest.param(SharedEmbedding, ids_and_labels(5), None, id="shared_embedding"),
     pytest.param(ConvTwice, lambda B: (torch.randn(B, 2, 5, 5), torch.randint(0, 3, (B,))), None, id="conv_twice"),
+    pytest.param(ScoreThenLookup, lambda B: (torch.randn(B, 5, 4), torch.randint(0, 7, (B, 5)), torch.randint(0, 3, (B,))), None, id="tied_lookup_after_linear"),
+    pytest.param(LinearLongAndShort, lambda B: (torch.randn(B, 9, 8), torch.randint(0, 3, (B,))), None, id="linear_long_and_short"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Opacus's fast-gradient-clipping optimizers, their per-parameter loops batched, without a copy of every gradient.
+"""Opacus's fast-gradient-clipping optimizers with batched per-parameter loops and no gradient copy.
 
 DPOptimizer's behaviour is Opacus's to the bit (same noise from ``_generate_noise`` per parameter, in
 the same order, so ``secure_mode`` and ``generator`` are honoured; the same sums and scaling):

@@ -117,6 +117,24 @@ def cycle_through(graph: Dict[str, Set[str]], component: List[str]) -> List[str]
     raise AssertionError(f"{component} is not strongly connected")
 
 
+def loop_members(graph: Dict[str, Set[str]], start: str) -> Set[str]:
+    """The modules that ``start`` reaches and that reach ``start`` back."""
+
+    def reach(edges: Dict[str, Set[str]]) -> Set[str]:
+        seen, todo = {start}, [start]
+        while todo:
+            for w in edges[todo.pop()] - seen:
+                seen.add(w)
+                todo.append(w)
+        return seen
+
+    reverse: Dict[str, Set[str]] = {v: set() for v in graph}
+    for v, targets in graph.items():
+        for w in targets:
+            reverse[w].add(v)
+    return reach(graph) & reach(reverse)
+
+
 def floor_of(module: str) -> int:
     best = None
     for floor, prefixes in enumerate(FLOORS):
@@ -138,8 +156,10 @@ def layering_violations(graph: Dict[str, Set[str]]) -> List[str]:
 
 
 def test_the_package_has_no_import_cycle():
-    found = cycles(import_graph())
-    assert not found, "import cycles in dpkernels:\n" + "\n".join(" -> ".join(c) for c in found)
+    graph = import_graph()
+    found = cycles(graph)
+    loops = [" -> ".join(c) + f"  (modules of this loop: {', '.join(sorted(loop_members(graph, c[0])))})" for c in found]
+    assert not found, "import cycles in dpkernels:\n" + "\n".join(loops)
 
 
 def test_every_module_has_a_floor():

@@ -1,4 +1,4 @@
-"""The layer rule of ``nn.Linear`` (and ``transformers``' Conv1D): its A and G, per-sample norms and clipped gradients.
+"""The rule of ``nn.Linear`` and ``transformers``' Conv1D: A, G, per-sample norms, clipped gradients.
 
 Notation (one call of the layer, ``B`` samples):
     A: [B, T, d]  layer input (rank-2 inputs have T = 1, rank >= 4 inputs fold the middle dims into T)

@@ -1,4 +1,4 @@
-"""The profiler (the main job, ``dpkernels profile``) and the measurement helpers it shares with the benchmarks and demo."""
+"""The profiler (``dpkernels profile``, the main job) and the measurement helpers it shares."""
 
 from .environment import default_device, device_slug, synchronize, versions
 from .memory import TensorMemoryTracker, peak_memory

@@ -59,16 +59,18 @@ COMPONENTS = (
     "norm_buffers",
 )
 
-# the phases of one step, in order; a micro-batch repeats forward..backward
-PHASES = (
-    "start",
-    "after_forward",
-    "after_norm_pass",
-    "after_backward",
-    "after_clipping",
-    "after_optimizer_step",
-    "after_zero_grad",
-)
+# the snapshot taken at the end of each phase of ``step.phased_step``, in order (a micro-batch repeats
+# forward..backward)
+SNAPSHOT_AFTER = {
+    "start": "start",
+    "forward": "after_forward",
+    "norm_pass": "after_norm_pass",
+    "backward": "after_backward",
+    "clipping": "after_clipping",
+    "optimizer": "after_optimizer_step",
+    "zero_grad": "after_zero_grad",
+}
+PHASES = tuple(SNAPSHOT_AFTER.values())
 
 
 # ---- measured totals ------------------------------------------------------------------------------
@@ -280,18 +282,6 @@ class Recorder:
         }
         self.snapshots.append(snap)
         return snap
-
-
-# the snapshot taken at the end of each phase of ``step.phased_step``
-SNAPSHOT_AFTER = {
-    "start": "start",
-    "forward": "after_forward",
-    "norm_pass": "after_norm_pass",
-    "backward": "after_backward",
-    "clipping": "after_clipping",
-    "optimizer": "after_optimizer_step",
-    "zero_grad": "after_zero_grad",
-}
 
 
 def instrumented_step(trainer, recorder: Recorder, step: int, micro_batches: int) -> None:

@@ -1,9 +1,9 @@
-"""Where an FSDP2 step's time goes, phase by phase: ``python -m dpkernels.profiling.distributed`` under torchrun.
+"""Where an FSDP2 step's time goes, phase by phase (``python -m dpkernels.profiling.distributed``).
 
-One process per GPU (or per CPU rank with gloo).  ``phase_profile``: each mode on a fresh sharded
-model (``sharding.shard_blocks``), one warm-up step, then timed steps whose phase boundaries are
-marked on the host (``time.perf_counter``: the time spent issuing the phase) and on the device (CUDA
-events on the current stream: the time its work took, waits included):
+Under torchrun, one process per GPU (or per CPU rank with gloo).  ``phase_profile``: each mode on a
+fresh sharded model (``sharding.shard_blocks``), one warm-up step, then timed steps whose phase
+boundaries are marked on the host (``time.perf_counter``: the time spent issuing the phase) and on
+the device (CUDA events on the current stream: the time its work took, waits included):
 
     forward        the forward pass and the loss
     backward       nondp's backward (gradients reduce-scattered by FSDP2)

@@ -1,4 +1,4 @@
-"""FSDP2 for the profiler's multi-process runs: the sharding (``shard_blocks``), the process group, and values across ranks.
+"""FSDP2 for multi-process runs: the sharding (``shard_blocks``), the process group, values across ranks.
 
 ``shard_blocks`` is the sharding the profiler and the FSDP tests use: every block of every
 ``nn.ModuleList`` (a transformer's layers) is its own ``fully_shard`` unit, then the root, which

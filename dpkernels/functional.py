@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .layers.linear import as_sequence, bias_norm_sq, weight_norm_sq
+from .kernels import weight_norm_sq
+from .kernels.formulas import as_sequence, bias_norm_sq
 
 
 def linear_norm_sq(activations: torch.Tensor, backprops: torch.Tensor, method: str = "auto") -> torch.Tensor:

@@ -1,5 +1,4 @@
-"""Opacus's fast-gradient-clipping optimizers with their per-parameter loops batched and without
-the copy of every gradient at each step.
+"""Opacus's fast-gradient-clipping optimizers with batched per-parameter loops and no gradient copy.
 
 DPOptimizer's behaviour is Opacus's to the bit (the noise of ``_generate_noise`` per parameter, in the
 same order, so ``secure_mode`` and ``generator`` are honoured; the same sums and scaling):

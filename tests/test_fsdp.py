@@ -8,7 +8,7 @@ activations: norms are never summed across ranks.  Under FSDP2's bf16 mixed prec
 error against the float64 oracle is bounded by a multiple of the error of plain (non-private) FSDP2
 bf16 training against its own float64 reference.  The model is a small Llama-style decoder from a
 transformers LlamaConfig (random weights): RMSNorm, an Embedding and an untied head; the sharding
-is the profiler's (``distributed.shard_blocks``).
+is the profiler's (``sharding.shard_blocks``).
 
 Noise: each rank draws its own shards' noise only, from its own stream: the gathered noise has the
 global scale, the shards of two ranks are uncorrelated (also when every rank's generator is seeded
@@ -48,7 +48,7 @@ import dpkernels.optimizer
 from dpkernels import MODES, PrivacyEngine, reference
 from dpkernels.clipping.sharded import mean_over_ranks_into_shards
 from dpkernels.models.llama import LlamaLM, LlamaSpec
-from dpkernels.profiling.distributed import shard_blocks
+from dpkernels.profiling.sharding import shard_blocks
 from dpkernels.testing import Case, assert_rel_close, dp_update, oracle_update, sample_loss_fn, total_norm
 
 pytestmark = pytest.mark.multigpu

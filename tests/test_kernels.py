@@ -11,7 +11,7 @@ Two groups:
                                 interpreter, so the README's `python -m pytest` covers the kernels.
     @pytest.mark.gpu            large shapes (T up to 32768, d = p up to 8192, B T d > 2^31), CUDA only.
 
-Oracle: ||G_i^T A_i||_F^2 and ||sum_t g_t||^2 in float64 (linear.weight_norm_sq_direct / bias_norm_sq on
+Oracle: ||G_i^T A_i||_F^2 and ||sum_t g_t||^2 in float64 (formulas.weight_norm_sq_direct / bias_norm_sq on
 float64 copies), and dpkernels.reference.layer_per_sample_grads for one nn.Linear.
 """
 
@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dpkernels.kernels import GramConfig, PsgConfig, flash_linear_norm_sq, flash_weight_norm_sq, heuristics, tiled
-from dpkernels.layers.linear import bias_norm_sq, choose_method, weight_norm_sq_direct
+from dpkernels.kernels.formulas import bias_norm_sq, choose_method, weight_norm_sq_direct
 from dpkernels.reference import layer_per_sample_grads
 from dpkernels.testing import assert_no_worse_than_torch, assert_rel_close
 

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dpkernels.errors import LayerInputError
-from dpkernels.layers.linear import LinearSamples, choose_method, weight_norm_sq
+from dpkernels.kernels import weight_norm_sq
+from dpkernels.kernels.formulas import choose_method
+from dpkernels.layers.linear import LinearSamples
 from dpkernels.profiling import peak_memory
 from dpkernels.reference import layer_per_sample_grads
 from dpkernels.testing import assert_rel_close, check_against_oracle

@@ -15,9 +15,12 @@ import pytest
 import torch
 
 from dpkernels.__main__ import main as dpkernels_main
-from dpkernels.profiling import profile
+from dpkernels.profiling import experiments, launcher, profile
 from dpkernels.profiling.breakdown import COMPONENTS, PHASES, TOLERANCE
-from dpkernels.profiling.profile import Progress, experiment_specs, main, measure, new_run_dir, run_matrix
+from dpkernels.profiling.experiments import experiment_specs
+from dpkernels.profiling.launcher import Progress, new_run_dir, run_matrix
+from dpkernels.profiling.profile import main
+from dpkernels.profiling.runner import measure
 from dpkernels.profiling.report import summary_text
 from dpkernels.profiling.step import STEP_MODES
 
@@ -62,7 +65,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", profile.TRANSFORMERS_MODELS)
+@pytest.mark.parametrize("model", experiments.TRANSFORMERS_MODELS)
 def test_a_transformers_model_without_transformers_names_the_extra(model, monkeypatch, capsys):
     real_find_spec = profile.importlib.util.find_spec
     monkeypatch.setattr(profile.importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
@@ -85,7 +88,7 @@ def test_help_documents_modes_presets_and_options(capsys):
         dpkernels_main(["profile", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for word in (*STEP_MODES, *profile.PRESETS, *profile.MODELS, "--grad-accum", "--steps", "--preset", "hooks = opacus_hooks"):
+    for word in (*STEP_MODES, *experiments.PRESETS, *experiments.MODELS, "--grad-accum", "--steps", "--preset", "hooks = opacus_hooks"):
         assert word in text
 
 
@@ -246,7 +249,7 @@ def test_a_rerun_gets_a_new_folder(tmp_path):
 
 def test_llama_fsdp_preset_is_seed_004():
     """Llama-3-8B's shape classifying sequences, 2 GPUs x B=2, T 1024-4096, the FSDP2 modes vs nondp."""
-    preset = profile.PRESETS["llama-fsdp"]
+    preset = experiments.PRESETS["llama-fsdp"]
     assert preset["models"] == ["llama3"] and preset["gpus"] == 2 and preset["batch"] == [2]
     assert preset["seq"] == [1024, 2048, 4096] and set(preset["modes"]) == {"nondp", "ghost_fsdp", "flash_fsdp", "flash_bk_fsdp"}
 
@@ -290,12 +293,12 @@ def test_a_failing_rank_is_recorded_with_its_number(tmp_path):
 def test_a_failing_experiment_leaves_the_others_intact(tmp_path, monkeypatch):
     good, bad, crash = spec("nondp"), spec("nondp", T=9), spec("nondp", T=10)
     bad["mode"] = bad["experiment"] = "nosuch"  # the worker itself fails and says so
-    real_command = profile.worker_command
+    real_command = launcher.worker_command
 
     def command(s, result):  # a worker that dies without writing anything
         return [sys.executable, "-c", "import sys; sys.exit(3)"] if s is crash else real_command(s, result)
 
-    monkeypatch.setattr(profile, "worker_command", command)
+    monkeypatch.setattr(launcher, "worker_command", command)
     stream = io.StringIO()
     records = run_matrix([good, bad, crash], tmp_path, timeout=300, progress=Progress(3, stream))
     assert [r["status"] for r in records] == ["ok", "failed", "failed"]

@@ -94,14 +94,14 @@ def test_transformers_models_train_in_opacus_modes(name, mode):
 
 
 def test_profiler_knows_the_transformers_models_and_seed_002_is_real_distilbert():
-    from dpkernels.profiling import profile
+    from dpkernels.profiling import experiments
 
-    assert {"hf_gpt2", "hf_llama", "bert", "vit"} <= set(profile.MODELS)
+    assert {"hf_gpt2", "hf_llama", "bert", "vit"} <= set(experiments.MODELS)
     spec = {"size": "small", "seq_len": 8, "batch": 2}
-    assert type(profile.workload_of({**spec, "model": "bert"}).case.build()).__name__ == "DistilBertForSequenceClassification"
-    assert type(profile.workload_of({**spec, "model": "hf_gpt2"}).case.build()).__name__ == "GPT2LMHeadModel"
-    assert type(profile.workload_of({**spec, "model": "vit", "seq_len": None}).case.build()).__name__ == "ViTForImageClassification"
-    assert profile.PRESETS["seed002"]["models"] == ["bert"]
+    assert type(experiments.workload_of({**spec, "model": "bert"}).case.build()).__name__ == "DistilBertForSequenceClassification"
+    assert type(experiments.workload_of({**spec, "model": "hf_gpt2"}).case.build()).__name__ == "GPT2LMHeadModel"
+    assert type(experiments.workload_of({**spec, "model": "vit", "seq_len": None}).case.build()).__name__ == "ViTForImageClassification"
+    assert experiments.PRESETS["seed002"]["models"] == ["bert"]
 
 
 def test_two_pass_floor_is_measured_per_pass():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.linear import accumulation_dtype
 from ..errors import LayerInputError, NonFiniteNormError
+from ..kernels.formulas import accumulation_dtype
 from .coefficients import clip_coefficients
 from .loss import quiet_backward, reduce_loss, restore_grads, stash_grads
 

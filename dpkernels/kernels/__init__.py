@@ -1,13 +1,19 @@
-"""Exact per-sample squared gradient norms of ``nn.Linear`` without materialising W_i or T x T Grams.
+"""The bottom floor: tensor math of one layer's per-sample gradient norms, and the dispatch between its forms.
 
-    A: [B, T, d]  layer input,  G: [B, T, p]  output gradient
+    formulas.py     exact PyTorch formulas (Gram "ghost" and materialised "direct" norms, clipped sums)
+    linear_norm.py  Triton kernels for the Linear weight norm (CUDA, or the Triton interpreter)
+    tiled.py        the kernels' tiling in PyTorch (CPU)
+    heuristics.py   the cost rules and block sizes they share
+
+Dispatch (what ``dpkernels.functional`` exposes), A: [B, T, d] layer input, G: [B, T, p] output gradient:
+    weight_norm_sq(A, G, method)          -> ||G_i^T A_i||_F^2                  [B]  by ghost, direct or flash
     flash_weight_norm_sq(A, G)            -> ||G_i^T A_i||_F^2                  [B]
     flash_linear_norm_sq(A, G, with_bias) -> (weight_sq [B], ||sum_t g_{i,t}||^2 [B] or None)
 
-Results are float32 for fp32 / bf16 / fp16 inputs (fp32 accumulation) and float64 when an input
-is float64 (then the exact PyTorch strategies of layers/linear.py run in float64).
+Flash results are float32 for fp32 / bf16 / fp16 inputs (fp32 accumulation) and float64 when an input
+is float64 (then the exact PyTorch formulas run in float64).
 
-Where it runs: CUDA tensors -> Triton kernels (linear_norm.py); other tensors -> the Triton
+Where flash runs: CUDA tensors -> Triton kernels (linear_norm.py); other tensors -> the Triton
 kernels through the interpreter if TRITON_INTERPRET=1, else the same tiling in PyTorch
 (tiled.py).  Importing this package neither imports Triton nor touches CUDA.
 """
@@ -19,10 +25,12 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import LayerInputError
-from ..layers.linear import bias_norm_sq, weight_norm_sq
+from .formulas import bias_norm_sq, choose_method, common_dtype, weight_norm_sq_direct, weight_norm_sq_ghost
 from .heuristics import KERNELS, Config, GramConfig, PsgConfig, interpreting
 
-__all__ = ["flash_weight_norm_sq", "flash_linear_norm_sq", "KERNELS", "GramConfig", "PsgConfig"]
+__all__ = ["weight_norm_sq", "flash_weight_norm_sq", "flash_linear_norm_sq", "METHODS", "KERNELS", "GramConfig", "PsgConfig"]
+
+METHODS = ("auto", "ghost", "direct", "flash")
 
 
 def _check(A: torch.Tensor, G: torch.Tensor) -> None:
@@ -65,3 +73,18 @@ def flash_linear_norm_sq(
 def flash_weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """||G_i^T A_i||_F^2 per sample.  A: [B, T, d], G: [B, T, p] -> [B] float32 (float64 for float64 input)."""
     return flash_linear_norm_sq(A, G, False, method)[0]
+
+
+def weight_norm_sq(A: torch.Tensor, G: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """Per-sample ||W_i||_F^2 by ``method`` ("auto" decides per call).  A: [B, T, d], G: [B, T, p] -> [B]."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    B, T, d = A.shape
+    p = G.shape[-1]
+    if method == "auto":
+        method = choose_method(B, T, d, p)
+    if method == "ghost":
+        return weight_norm_sq_ghost(A, G)
+    if method == "direct":
+        return weight_norm_sq_direct(A, G)
+    return flash_weight_norm_sq(*common_dtype(A, G))

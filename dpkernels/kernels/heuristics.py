@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..layers.linear import choose_method
+from .formulas import choose_method
 
 KERNELS = ("auto", "gram", "psg")
 
@@ -72,7 +72,7 @@ def interpreting() -> bool:
 
 
 # How much slower a Gram-kernel flop is than a per-sample-gradient-tile flop (measured on an H200 with
-# ``python -m dpkernels.kernels.bench``: fp32 Gram 13-50% of its floor against 80-93% for the tiles;
+# ``python benchmarks/kernel_bench.py``: fp32 Gram 13-50% of its floor against 80-93% for the tiles;
 # 16-bit Gram 65-80% against 85-100%, at shapes where the floor is >= 0.05 ms).
 GRAM_FLOP_COST = {torch.float32: 3.0, torch.bfloat16: 1.5, torch.float16: 1.5}
 
@@ -80,7 +80,7 @@ GRAM_FLOP_COST = {torch.float32: 3.0, torch.bfloat16: 1.5, torch.float16: 1.5}
 def choose_kernel(B: int, T: int, d: int, p: int, dtype: Optional[torch.dtype] = None) -> str:
     """'gram' where its flops, weighted by GRAM_FLOP_COST[dtype], are fewer than the tiles' flops:
     c 2 B T^2 (d + p) < 2 B T d p, else 'psg'.  Without a dtype: the plain flop rule of
-    linear.choose_method (c = 1), which the CPU tiling uses."""
+    formulas.choose_method (c = 1), which the CPU tiling uses."""
     if dtype is None:
         return "gram" if choose_method(B, T, d, p) == "ghost" else "psg"
     return "gram" if GRAM_FLOP_COST[dtype] * T * (d + p) < d * p else "psg"
@@ -126,7 +126,7 @@ def psg_config(B: int, T: int, d: int, p: int, dtype: torch.dtype, programs: int
     ``programs``, T is split into NS ranges of TS rows (a multiple of BT) so that about ``programs``
     programs run, as long as the split's fp32 tile partials (NS * tiles * BP * BD * 4 bytes) stay within
     SPLIT_BUFFER_BYTES.
-    (Chosen from ``python -m dpkernels.kernels.bench --tune`` on an H200.)
+    (Chosen from ``python benchmarks/kernel_bench.py --tune`` on an H200.)
     """
     if dtype == torch.float32:
         BP, BD, BT, warps = block(p, 16, 64), block(d, 16, 64), block(T, 16, 32), 4

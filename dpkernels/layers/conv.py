@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import bias_grads, bias_norm_sq, clipped_bias_grad, clipped_weight_grad, common_dtype, weight_norm_sq
+from ..kernels import weight_norm_sq
+from ..kernels.formulas import bias_grads, bias_norm_sq, clipped_bias_grad, clipped_weight_grad, common_dtype
 
 
 def check_shapes(module: nn.Module, x: torch.Tensor, G: torch.Tensor) -> None:

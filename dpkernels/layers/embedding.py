@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import accumulation_dtype
+from ..kernels.formulas import accumulation_dtype
+from .shared import Factors
 
 
 def token_rows(module: nn.Embedding, ids: torch.Tensor, G: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +107,6 @@ class EmbeddingSamples:
 
     def grad_forms(self) -> Dict[nn.Parameter, object]:
         """W_i = onehot(x_i)^T G_i: factors with one-hot left rows (layers/shared.py)."""
-        from .shared import Factors
-
         if not self.module.weight.requires_grad:
             return {}
         return {self.module.weight: Factors(None, self.G, ids=self.ids, keep=self.keep)}

@@ -17,7 +17,7 @@ per-sample (T5's relative attention bias).  Memory: [B, *shape] per parameter.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List
 
 import torch
 from torch import nn

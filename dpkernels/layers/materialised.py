@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .linear import accumulation_dtype, clipped_sum, sum_sq
+from ..kernels.formulas import accumulation_dtype, clipped_sum, sum_sq
 
 
 class MaterialisedGrads:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerInputError
-from .linear import accumulation_dtype
+from ..kernels.formulas import accumulation_dtype
 from .materialised import MaterialisedGrads
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .linear import accumulation_dtype
+from ..kernels.formulas import accumulation_dtype
 
 
 @dataclass

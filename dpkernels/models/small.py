@@ -1,5 +1,7 @@
-"""Small models for tests and the demo: an MLP, a conv net, and a two-branch model whose
-execution order differs from its definition order, with a frozen first layer."""
+"""Small models for tests and the demo: an MLP, a conv net, and a two-branch model.
+
+The two-branch model runs its layers in another order than it defines them, and its first layer is frozen.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Named workloads (model + synthetic batch + the loss each kind of step computes), shared by the
-benchmarks, the profiler and the demo.
+"""Named workloads: model, synthetic batch and the loss of each kind of step (benchmarks, profiler, demo).
 
 Each workload has a full size (the seeds' and anchors' configurations, for a GPU) and a small size
 (the same architecture scaled down, for a CPU).  Batches are synthetic: random ids, images, targets.

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the demo, the benchmarks and the profiler."""
+"""The profiler (``dpkernels profile``, the main job) and the measurement helpers it shares."""
 
 from .environment import default_device, device_slug, synchronize, versions
 from .memory import TensorMemoryTracker, peak_memory

@@ -37,13 +37,14 @@ pass).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .memory import TensorMemoryTracker
+from .step import phased_step
 
 MB = 2**20
 TOLERANCE = 0.02  # |unattributed| <= 2% of the step's peak (CPU, deterministic tracker)
@@ -58,16 +59,18 @@ COMPONENTS = (
     "norm_buffers",
 )
 
-# the phases of one step, in order; a micro-batch repeats forward..backward
-PHASES = (
-    "start",
-    "after_forward",
-    "after_norm_pass",
-    "after_backward",
-    "after_clipping",
-    "after_optimizer_step",
-    "after_zero_grad",
-)
+# the snapshot taken at the end of each phase of ``step.phased_step``, in order (a micro-batch repeats
+# forward..backward)
+SNAPSHOT_AFTER = {
+    "start": "start",
+    "forward": "after_forward",
+    "norm_pass": "after_norm_pass",
+    "backward": "after_backward",
+    "clipping": "after_clipping",
+    "optimizer": "after_optimizer_step",
+    "zero_grad": "after_zero_grad",
+}
+PHASES = tuple(SNAPSHOT_AFTER.values())
 
 
 # ---- measured totals ------------------------------------------------------------------------------
@@ -281,56 +284,23 @@ class Recorder:
         return snap
 
 
-@contextmanager
-def observe_norm_pass(model: nn.Module, callback: Callable[[], None]) -> Iterator[None]:
-    """Call ``callback`` when the per-sample norms of a backward pass are complete, before the
-    clipped gradient is formed: i.e. when ``get_clipping_coef`` is called (dpkernels' ghost and bk,
-    Opacus's ghost).  Installed on the model object for the block; a no-op for other models."""
-    original = getattr(type(model), "get_clipping_coef", None)
-    if original is None:
-        yield
-        return
-
-    def get_clipping_coef(*args, **kwargs):
-        callback()
-        return original(model, *args, **kwargs)
-
-    object.__setattr__(model, "get_clipping_coef", get_clipping_coef)
-    try:
-        yield
-    finally:
-        model.__dict__.pop("get_clipping_coef", None)
-
-
 def instrumented_step(trainer, recorder: Recorder, step: int, micro_batches: int) -> None:
-    """One optimizer step of ``micro_batches`` forward+backward passes, with a snapshot after each
-    phase (PHASES).  after_norm_pass: inside the backward of dpkernels' and Opacus's ghost modes and
-    bk, once every per-sample norm is known; after_backward: dpkernels modes have clipped by then;
-    after_clipping: after Opacus's ``pre_step`` (per-sample clipping for Opacus hooks, noise and
-    scaling for every DP mode); nondp has no after_norm_pass or after_clipping."""
-    optimizer = trainer.optimizer
-    for k in range(micro_batches):
-        recorder.position = (step, k)
-        if k == 0:
-            recorder.snapshot("start")
-        loss = trainer.forward_loss()
-        recorder.roots = [graph_root(loss)]
-        recorder.snapshot("after_forward")
-        with observe_norm_pass(trainer.model, lambda: recorder.snapshot("after_norm_pass")):
-            loss.backward()
-        del loss
-        recorder.roots = []
-        recorder.snapshot("after_backward")
-    if hasattr(optimizer, "pre_step"):
-        proceed = optimizer.pre_step()
-        recorder.snapshot("after_clipping")
-        if proceed:
-            optimizer.original_optimizer.step()
-    else:
-        optimizer.step()
-    recorder.snapshot("after_optimizer_step")
-    optimizer.zero_grad(set_to_none=True)
-    recorder.snapshot("after_zero_grad")
+    """One optimizer step of ``micro_batches`` forward+backward passes (``step.phased_step``), with a
+    snapshot after each phase (PHASES).  after_norm_pass: inside the backward of dpkernels' and Opacus's
+    ghost modes and bk, once every per-sample norm is known; after_backward: dpkernels modes have clipped
+    by then; after_clipping: after Opacus's ``pre_step`` (per-sample clipping for Opacus hooks, noise and
+    scaling for every DP mode); nondp has no after_norm_pass or after_clipping.  Autograd's saved tensors
+    are walked from the live loss's graph, from forward to the end of its backward."""
+
+    def snapshot(phase: str, micro_batch: int, loss) -> None:
+        recorder.position = (step, micro_batch)
+        if phase == "forward":
+            recorder.roots = [graph_root(loss)]
+        elif phase == "backward":
+            recorder.roots = []
+        recorder.snapshot(SNAPSHOT_AFTER[phase])
+
+    phased_step(trainer, snapshot, micro_batches)
 
 
 def largest(snapshots: List[dict]) -> dict:

@@ -1,13 +1,9 @@
-"""FSDP2 runs of the profiler: one process per GPU (or per CPU rank with gloo), started by torchrun.
+"""Where an FSDP2 step's time goes, phase by phase (``python -m dpkernels.profiling.distributed``).
 
-``shard_blocks`` is the sharding the profiler and the FSDP tests use: every block of every
-``nn.ModuleList`` (a transformer's layers) is its own ``fully_shard`` unit, then the root, which
-holds what is left (embeddings, final norm, head).
-
-Where an FSDP2 step's time goes, phase by phase (``python -m dpkernels.profiling.distributed``, under
-torchrun; ``phase_profile``): each mode on a fresh sharded model, one warm-up step, then timed steps
-whose phase boundaries are marked on the host (``time.perf_counter``: the time spent issuing the
-phase) and on the device (CUDA events on the current stream: the time its work took, waits included):
+Under torchrun, one process per GPU (or per CPU rank with gloo).  ``phase_profile``: each mode on a
+fresh sharded model (``sharding.shard_blocks``), one warm-up step, then timed steps whose phase
+boundaries are marked on the host (``time.perf_counter``: the time spent issuing the phase) and on
+the device (CUDA events on the current stream: the time its work took, waits included):
 
     forward        the forward pass and the loss
     backward       nondp's backward (gradients reduce-scattered by FSDP2)
@@ -27,65 +23,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gc
 import json
-import os
 import statistics
 import sys
 import time
-from functools import partial
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
-def shard_blocks(model: nn.Module, param_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """``fully_shard`` each block of every ModuleList, then the root.
-
-    param_dtype: FSDP2 mixed precision, parameters gathered in this dtype for forward and backward
-    (activations follow), gradients reduced in float32 into float32 shards.  None: float32 throughout.
-    """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
-
-
-def start(device_type: str, timeout_s: float = 600.0) -> torch.device:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
-    NCCL with one GPU per rank on CUDA, gloo on CPU.  Returns this rank's device."""
-    if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(seconds=timeout_s))
-        return device
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return torch.device("cpu")
-
-
-def max_over_ranks(values: List[float], device: torch.device) -> List[float]:
-    """Element-wise maximum of ``values`` over all ranks (each rank passes a list of the same length)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def gather_floats(value: float, device: torch.device) -> List[float]:
-    """``value`` of every rank, in rank order."""
-    out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))
-    return [t.item() for t in out]
-
-
-# ---- where a step's time goes, phase by phase ------------------------------------------------------------
+from .experiments import AMP, MODELS
+from .runner import build_trainer
+from .sharding import gather_floats, max_over_ranks, start
+from .step import phased_step
 
 
 class PhaseClock:
@@ -114,29 +66,12 @@ class PhaseClock:
         return {"host": host, "device": device}
 
 
-def phased_step(trainer, clock: PhaseClock) -> None:
-    """One optimizer step of a ``profiling.step.Trainer`` with ``clock`` marks between its phases."""
-    from .breakdown import observe_norm_pass
-
-    clock.mark("start")
-    loss = trainer.forward_loss()
-    clock.mark("forward")
-    private = hasattr(trainer.optimizer, "pre_step")
-    with observe_norm_pass(trainer.model, lambda: clock.mark("norm_pass")):
-        loss.backward()
-    del loss
-    clock.mark("clipped_grads" if private else "backward")
-    optimizer = trainer.optimizer
-    if private:
-        proceed = optimizer.pre_step()
-        clock.mark("noise")
-        if proceed:
-            optimizer.original_optimizer.step()
-    else:
-        optimizer.step()
-    clock.mark("optimizer")
-    optimizer.zero_grad(set_to_none=True)
-    clock.mark("zero_grad")
+def clocked_step(trainer, clock: PhaseClock) -> None:
+    """One optimizer step of a ``profiling.step.Trainer`` (``step.phased_step``) with ``clock`` marks
+    between its phases: a DP mode's backward after the norm pass is "clipped_grads", its
+    ``pre_step`` "noise"."""
+    names = {"backward": "clipped_grads" if hasattr(trainer.optimizer, "pre_step") else "backward", "clipping": "noise"}
+    phased_step(trainer, lambda phase, micro_batch, loss: clock.mark(names.get(phase, phase)))
 
 
 class OpCounter(TorchDispatchMode):
@@ -197,28 +132,26 @@ def phase_profile(spec: dict, mode: str, device: torch.device, steps: int, count
     """Per-phase times (median of ``steps`` after one warm-up; every rank), peak memory and (``count_ops``:
     one more step) per-phase collectives of ``mode`` (``MODE:opacus``: with Opacus's FSDP optimizer)
     for a profiler ``spec``."""
-    from .profile import build_trainer
-
     name, _, variant = mode.partition(":")
     trainer = build_trainer({**spec, "mode": name, "sharded": True}, device)
     if variant == "opacus":
         trainer.optimizer = opacus_optimizer(trainer.optimizer)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of mode {name} (known: opacus)")
-    phased_step(trainer, PhaseClock(device))  # warm-up (and Triton autotuning)
+    clocked_step(trainer, PhaseClock(device))  # warm-up (and Triton autotuning)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     runs = []
     for _ in range(steps):
         clock = PhaseClock(device)
-        phased_step(trainer, clock)
+        clocked_step(trainer, clock)
         runs.append(clock.durations())
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     counter = OpCounter()
     if count_ops:
         with counter:
-            phased_step(trainer, CountingClock(device, counter, PHASES["nondp" if name == "nondp" else "dp"]))
+            clocked_step(trainer, CountingClock(device, counter, PHASES["nondp" if name == "nondp" else "dp"]))
     out = {"mode": mode, "peak_mb": max_over_ranks([peak], device)[0], "ops_rank0": {k: dict(v) for k, v in counter.counts.items()}}
     for clock_kind in ("host", "device") if device.type == "cuda" else ("host",):
         phases = list(runs[0][clock_kind])
@@ -275,8 +208,6 @@ def phase_table(records: List[dict]) -> str:
 def main(argv=None) -> int:
     """``torchrun --nproc-per-node N -m dpkernels.profiling.distributed [options]``: per-phase profile
     of FSDP2 steps, one JSON for all modes (written by rank 0); ``--table FILE...``: their tables."""
-    from .profile import AMP, MODELS
-
     parser = argparse.ArgumentParser(prog="python -m dpkernels.profiling.distributed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["nondp", "ghost_fsdp", "flash_fsdp", "bk_fsdp", "flash_bk_fsdp"], help="nondp and *_fsdp modes; MODE:opacus runs MODE with Opacus's FSDP optimizer")
     parser.add_argument("--model", default="llama3", choices=MODELS)

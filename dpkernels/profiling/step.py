@@ -5,8 +5,10 @@ every dpkernels mode (``dpkernels.MODES``).  A step is forward, loss, backward, 
 zero_grad; its loss is what a user of that mode writes (``Workload.loss(mode)``, recorded as
 ``Trainer.loss_call``): the idiomatic non-private loss on contiguous logits for nondp and Opacus hooks,
 Opacus's criterion call for Opacus ghost, dpkernels' criterion on the model's logits otherwise.
-A Trainer given ``shard`` (e.g. ``distributed.shard_blocks``) runs on an FSDP2-sharded model inside
+A Trainer given ``shard`` (e.g. ``sharding.shard_blocks``) runs on an FSDP2-sharded model inside
 a process group: "nondp" or a ``*_fsdp`` mode, each rank on its own batch of B samples.
+``phased_step`` is one step with a callback at the end of each phase, for the profiler's memory
+snapshots (breakdown.py) and phase times (distributed.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import statistics
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import opacus
 import torch
@@ -109,6 +111,64 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def observe_norm_pass(model: nn.Module, callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback`` when the per-sample norms of a backward pass are complete, before the
+    clipped gradient is formed: i.e. when ``get_clipping_coef`` is called (dpkernels' ghost and bk,
+    Opacus's ghost).  Installed on the model object for the block; a no-op for other models."""
+    original = getattr(type(model), "get_clipping_coef", None)
+    if original is None:
+        yield
+        return
+
+    def get_clipping_coef(*args, **kwargs):
+        callback()
+        return original(model, *args, **kwargs)
+
+    object.__setattr__(model, "get_clipping_coef", get_clipping_coef)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("get_clipping_coef", None)
+
+
+
+def phased_step(trainer: Trainer, mark: Callable[[str, int, Optional[torch.Tensor]], None], micro_batches: int = 1) -> None:
+    """One optimizer step of ``micro_batches`` forward+backward passes, calling ``mark(phase, k, loss)``
+    as each phase ends (k: the micro-batch; loss: micro-batch k's loss at "forward", else None):
+
+        start      before the first micro-batch
+        forward    forward and loss of micro-batch k
+        norm_pass  inside its backward, once every per-sample norm is known (``observe_norm_pass``)
+        backward   the rest of its backward (dpkernels modes have clipped by then)
+        clipping   DP optimizers only: Opacus's ``pre_step`` (per-sample clipping for Opacus hooks,
+                   noise and the division by the batch size for every DP mode)
+        optimizer  the (wrapped) optimizer's step
+        zero_grad  ``zero_grad(set_to_none=True)``
+    """
+    optimizer = trainer.optimizer
+    for k in range(micro_batches):
+        if k == 0:
+            mark("start", k, None)
+        loss = trainer.forward_loss()
+        mark("forward", k, loss)
+        with observe_norm_pass(trainer.model, lambda: mark("norm_pass", k, None)):
+            loss.backward()
+        del loss
+        mark("backward", k, None)
+    last = micro_batches - 1
+    if hasattr(optimizer, "pre_step"):
+        proceed = optimizer.pre_step()
+        mark("clipping", last, None)
+        if proceed:
+            optimizer.original_optimizer.step()
+    else:
+        optimizer.step()
+    mark("optimizer", last, None)
+    optimizer.zero_grad(set_to_none=True)
+    mark("zero_grad", last, None)
 
 
 def median_step_time_and_peak(trainer: Trainer, steps: int) -> tuple:

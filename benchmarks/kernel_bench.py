@@ -1,6 +1,9 @@
 """Benchmark of the flash Linear norm against PyTorch baselines and the machine's roofline (CUDA only).
 
-    python -m dpkernels.kernels.bench --out DIR [--dtypes bfloat16 float32]
+    python benchmarks/kernel_bench.py --out DIR [--dtypes bfloat16 float32] [--tune]
+
+A script run by its path, with dpkernels installed (``pip install -e .``) or on PYTHONPATH: never
+imported as ``benchmarks.kernel_bench`` (the Opacus wheel installs a top-level ``benchmarks`` package).
 
 Per shape (B, T, d, p) and dtype, timed with triton.testing.do_bench (median ms):
     flash  flash_weight_norm_sq(A, G) (the kernel picked by the cost rule)
@@ -27,9 +30,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..profiling.report import write_atomic
-from . import flash_linear_norm_sq, flash_weight_norm_sq
-from .heuristics import GramConfig, PsgConfig, cdiv, choose_kernel
+from dpkernels.kernels import flash_linear_norm_sq, flash_weight_norm_sq
+from dpkernels.kernels.heuristics import GramConfig, PsgConfig, cdiv, choose_kernel
+from dpkernels.profiling.report import write_atomic
 
 T_VALUES = (256, 1024, 4096, 16384, 32768)
 B_VALUES = (1, 8, 32)
@@ -221,7 +224,7 @@ def tune(dtype: torch.dtype) -> List[dict]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dpkernels.kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/kernel_bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for flash_norm.json and flash_norm.md")
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--tune", action="store_true", help="time candidate launch configurations instead (writes tune.json)")

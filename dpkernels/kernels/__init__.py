@@ -1,4 +1,4 @@
-"""The bottom floor: tensor math of one layer's per-sample gradient norms, and the dispatch between its forms.
+"""The bottom floor: one layer's per-sample norms and clipped sums, and the dispatch between their forms.
 
     formulas.py     exact PyTorch formulas (Gram "ghost" and materialised "direct" norms, clipped sums)
     linear_norm.py  Triton kernels for the Linear weight norm (CUDA, or the Triton interpreter)

@@ -3,7 +3,7 @@
     python benchmarks/phases.py --workload hf_llama:1024:8 --amp bf16 --modes nondp bk flash_bk --out phases.json
 
 For each mode, on a fresh model (``profiling.step.Trainer``, the step the benchmarks time): one warm-up step,
-then ``--steps`` steps with phase marks (``profiling.distributed.clocked_step``):
+then ``--steps`` steps with phase marks (``profiling.distributed.clocked_runs``):
 
     forward, backward (nondp) | norm_pass, clipped_grads, noise (DP modes), optimizer, zero_grad
 
@@ -29,7 +29,7 @@ from typing import List
 import torch
 
 from dpkernels.models import workloads
-from dpkernels.profiling.distributed import PhaseClock, clocked_step
+from dpkernels.profiling.distributed import clocked_runs
 from dpkernels.profiling.environment import versions
 from dpkernels.profiling.step import Trainer
 
@@ -71,15 +71,7 @@ def kernel_table(trainer: Trainer, top: int) -> dict:
 def profile_mode(workload, mode: str, amp, steps: int, top: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trainer = Trainer(workload, mode, device, amp_dtype=amp, max_grad_norm=1e-3)
-    clocked_step(trainer, PhaseClock(device))  # warm-up: the batch-dimension probe, Triton autotuning
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = []
-    for _ in range(steps):
-        clock = PhaseClock(device)
-        clocked_step(trainer, clock)
-        runs.append(clock.durations())
+    runs = clocked_runs(trainer, device, steps)
     out = {"mode": mode, "loss_call": trainer.loss_call}
     if device.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

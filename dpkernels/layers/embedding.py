@@ -52,28 +52,35 @@ def embedding_norm_sq(ids: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, V:
     """sum over distinct (i, v) of ||sum_{t: x_{i,t} = v} g_{i,t}||^2, per sample.
 
     ids: [B, T] in [0, V), G: [B, T, D], keep: bool [B, T] -> [B].
-    The key i V + x_{i,t} numbers the (sample, token) pairs; ``torch.unique`` gives the U distinct
-    pairs and, per position, its pair, into which the g rows are summed ([U, D]).
+    The key i V + x_{i,t} numbers the (sample, token) pairs.  Sorted, equal keys are neighbours: a
+    running count of key changes numbers each position's pair, into which its g row is summed
+    ([B T, D]: at most B T pairs, the unused rows stay zero).  Every shape is known in advance, so
+    nothing waits for the device (``torch.unique`` or a boolean mask would: they size their output
+    from the data).  Padding positions contribute zero rows.
     """
     dt = accumulation_dtype(G)
-    B = ids.shape[0]
-    sample = torch.arange(B, device=ids.device)[:, None].expand_as(ids)
-    key = (sample * V + ids)[keep]
-    pairs, pair_of = torch.unique(key, return_inverse=True)
-    summed = torch.zeros(pairs.shape[0], G.shape[-1], dtype=dt, device=G.device)
-    summed.index_add_(0, pair_of, G[keep].to(dt))
-    norms = torch.zeros(B, dtype=dt, device=G.device)
-    return norms.index_add_(0, pairs // V, summed.pow(2).sum(dim=1))
+    B, T = ids.shape
+    D = G.shape[-1]
+    key = (torch.arange(B, device=ids.device)[:, None] * V + ids).reshape(B * T)
+    rows = torch.where(keep[..., None], G.to(dt), 0).reshape(B * T, D)
+    sorted_key, order = key.sort()
+    changed = torch.ones_like(sorted_key, dtype=torch.bool)
+    changed[1:] = sorted_key[1:] != sorted_key[:-1]
+    pair = changed.cumsum(0) - 1  # [B T], the pair of each sorted position
+    summed = torch.zeros(B * T, D, dtype=dt, device=G.device).index_add_(0, pair, rows[order])
+    sample_of_pair = torch.zeros(B * T, dtype=torch.long, device=ids.device).scatter_(0, pair, sorted_key // V)
+    return torch.zeros(B, dtype=dt, device=G.device).index_add_(0, sample_of_pair, summed.pow(2).sum(dim=1))
 
 
 def clipped_embedding_grad(
     ids: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, V: int, coef: torch.Tensor
 ) -> torch.Tensor:
-    """sum_i coef_i W_i: each coef_i g_{i,t} added into row x_{i,t}.  -> [V, D] in the accumulation dtype."""
+    """sum_i coef_i W_i: each coef_i g_{i,t} added into row x_{i,t} (padding positions add zero rows).
+    -> [V, D] in the accumulation dtype."""
     dt = accumulation_dtype(G)
-    scaled = G.to(dt) * coef.to(dt)[:, None, None]
+    scaled = torch.where(keep[..., None], G.to(dt) * coef.to(dt)[:, None, None], 0)
     grad = torch.zeros(V, G.shape[-1], dtype=dt, device=G.device)
-    return grad.index_add_(0, ids[keep], scaled[keep])
+    return grad.index_add_(0, ids.reshape(-1), scaled.reshape(-1, G.shape[-1]))
 
 
 class EmbeddingSamples:

@@ -128,6 +128,21 @@ def opacus_optimizer(optimizer):
     return theirs
 
 
+def clocked_runs(trainer, device: torch.device, steps: int) -> List[Dict[str, Dict[str, float]]]:
+    """One warm-up step (the batch-dimension probe, Triton autotuning), the CUDA peak-memory statistics
+    reset, then ``steps`` clocked steps: each one's ``PhaseClock.durations()``."""
+    clocked_step(trainer, PhaseClock(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    runs = []
+    for _ in range(steps):
+        clock = PhaseClock(device)
+        clocked_step(trainer, clock)
+        runs.append(clock.durations())
+    return runs
+
+
 def phase_profile(spec: dict, mode: str, device: torch.device, steps: int, count_ops: bool = True) -> dict:
     """Per-phase times (median of ``steps`` after one warm-up; every rank), peak memory and (``count_ops``:
     one more step) per-phase collectives of ``mode`` (``MODE:opacus``: with Opacus's FSDP optimizer)
@@ -138,15 +153,7 @@ def phase_profile(spec: dict, mode: str, device: torch.device, steps: int, count
         trainer.optimizer = opacus_optimizer(trainer.optimizer)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} of mode {name} (known: opacus)")
-    clocked_step(trainer, PhaseClock(device))  # warm-up (and Triton autotuning)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    runs = []
-    for _ in range(steps):
-        clock = PhaseClock(device)
-        clocked_step(trainer, clock)
-        runs.append(clock.durations())
+    runs = clocked_runs(trainer, device, steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     counter = OpCounter()
     if count_ops:

@@ -139,3 +139,43 @@ def test_a_baseline_of_another_device_is_refused(bench_dir):
     refused = run(bench_dir, "--benchmark-compare")
     assert refused.ret != 0
     refused.stderr.fnmatch_lines(["*refusing to compare benchmarks on*"])
+
+
+def load_rebaseline():
+    import importlib.util
+
+    path = CONFTEST.parent / "rebaseline.py"
+    spec = importlib.util.spec_from_file_location("dpkernels_rebaseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_baseline_merged_from_parts_holds_every_part_and_replaces_the_old_one(tmp_path):
+    """``rebaseline.py --merge``: the committed CPU baseline split in two parts (as two ``-k`` runs would
+    record it) and merged gives back the same benchmarks, in the device's folder, replacing an older file;
+    parts of different devices or versions, or repeating a benchmark, are refused."""
+    rebaseline = load_rebaseline()
+    recorded = json.loads(next((CONFTEST.parent / "baselines" / "cpu").glob("*/*.json")).read_text())
+    half = len(recorded["benchmarks"]) // 2
+    parts = []
+    for i, benches in enumerate((recorded["benchmarks"][:half], recorded["benchmarks"][half:])):
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(dict(recorded, benchmarks=benches)))
+    older = tmp_path / "baselines" / "cpu" / "Old-Machine" / "0001_baseline.json"
+    older.parent.mkdir(parents=True)
+    older.write_text("{}")
+    target = rebaseline.merge(parts, tmp_path / "baselines")
+    assert target.parent.parent == tmp_path / "baselines" / "cpu" and target.name == "0001_baseline.json"
+    assert not older.exists() and list((tmp_path / "baselines").glob("*/*/*.json")) == [target]
+    merged = json.loads(target.read_text())
+    assert merged["benchmarks"] == recorded["benchmarks"] and merged["machine_info"] == recorded["machine_info"]
+
+    other = json.loads(parts[1].read_text())
+    other["machine_info"]["dpkernels"]["torch"] = "0.0"
+    parts[1].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="one set of versions"):
+        rebaseline.merge(parts, tmp_path / "baselines")
+    with pytest.raises(ValueError, match="more than one part"):
+        rebaseline.merge([parts[0], parts[0]], tmp_path / "baselines")
+    assert json.loads(target.read_text()) == merged  # a refused merge changes nothing

@@ -4,7 +4,8 @@ One DP step, as data:
 
     forward    the batch dimension of every layer call is proven (clipping/batch.py, once per input
                signature); a forward hook keeps each call of a trainable layer (inputs, batch
-               dimensions) and puts a tensor hook on its outputs            [all modes]
+               dimensions) and puts a tensor hook on its outputs (a Linear's own backward,
+               LinearInputGradOnly, hands G over instead)                    [all modes]
     backward   the tensor hooks see each call's output gradient G:
                  view = samples_of(layer, A, G)   (dpkernels.layers), or torch.func (layers/func.py)
                  record view.norm_sq()            (per parameter, [B] each)

@@ -67,7 +67,8 @@ def embedding_norm_sq(ids: torch.Tensor, G: torch.Tensor, keep: torch.Tensor, V:
     changed = torch.ones_like(sorted_key, dtype=torch.bool)
     changed[1:] = sorted_key[1:] != sorted_key[:-1]
     pair = changed.cumsum(0) - 1  # [B T], the pair of each sorted position
-    summed = torch.zeros(B * T, D, dtype=dt, device=G.device).index_add_(0, pair, rows[order])
+    pair_at = torch.empty_like(pair).scatter_(0, order, pair)  # the pair of each position, in place of a sorted copy of the rows
+    summed = torch.zeros(B * T, D, dtype=dt, device=G.device).index_add_(0, pair_at, rows)
     sample_of_pair = torch.zeros(B * T, dtype=torch.long, device=ids.device).scatter_(0, pair, sorted_key // V)
     return torch.zeros(B, dtype=dt, device=G.device).index_add_(0, sample_of_pair, summed.pow(2).sum(dim=1))
 

@@ -15,6 +15,7 @@ measured in the same run; for the two-pass modes (ghost, flash) also the floor o
 
 A quick subset on a GPU: ``-k`` selects workloads, modes and precisions (test ids are
 ``test_step[<workload>-<mode>-<precision>]``) and DPKERNELS_BENCH_ROUNDS=N fixes the timed rounds.
+DPKERNELS_BENCH_ALL=1 also runs the steps ``SLOW`` leaves out.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ OPACUS_MODES = ("opacus_hooks", "opacus_ghost")
 CLIP = 1e-3
 # GPU memory (GiB) a workload needs in fp32 non-private training, where it exceeds an 80 GB card.
 NEEDS_GIB = {"llama-T16384-B2": 110}
+# Steps left out unless DPKERNELS_BENCH_ALL=1: Opacus ghost on the seed-000 Llama at B=2 takes about
+# 55 s a step in fp32 on an H200 (6.7x non-private; five steps with the untimed ones, a third of the
+# whole set's GPU time), and the same peer is measured at B=1.
+SLOW = {("llama-T16384-B2", "opacus_ghost"): "Opacus ghost on llama-T16384-B2 (about 55 s a step on an H200) is measured at B=1"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,6 +123,8 @@ def two_pass_floor():
 def test_step(benchmark, measure, nondp_reference, two_pass_floor, capsys, workload, mode, precision):
     for package in workload.requires:
         pytest.importorskip(package)
+    if (workload.name, mode) in SLOW and not os.environ.get("DPKERNELS_BENCH_ALL"):
+        pytest.skip(f"{SLOW[workload.name, mode]}; DPKERNELS_BENCH_ALL=1 runs it")
     need = NEEDS_GIB.get(workload.name)
     if need and torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < need * 2**30:
         pytest.skip(f"{workload.name} needs about {need} GiB of GPU memory")

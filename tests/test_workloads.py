@@ -9,6 +9,7 @@ cross-entropy over transposed logits.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -111,17 +112,54 @@ def test_two_pass_floor_is_measured_per_pass():
     assert times["two_pass_floor"] == pytest.approx(expected)
 
 
-def test_input_gradient_pass_forms_no_weight_gradient():
-    from dpkernels.profiling.step import layer_outputs
+def backward_flops(trainer) -> int:
+    """FLOPs of one backward pass of the trainer's loss."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss = trainer.forward_loss()
+    with FlopCounterMode(display=False) as flops:
+        loss.backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return flops.get_total_flops()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the first layers' inputs need no gradient
+def test_input_gradient_pass_reaches_every_layer_and_forms_no_weight_gradient():
+    from dpkernels.profiling.step import input_gradients_only
 
     trainer = Trainer(SMALL["gpt2"](), "nondp", torch.device("cpu"))
-    outputs, handles = layer_outputs(trainer.model)
-    loss = trainer.forward_loss()
-    grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-    for h in handles:
+    layers = [m for m in trainer.model.modules() if any(True for _ in m.parameters(recurse=False))]
+    reached = set()
+    hooks = [m.register_full_backward_hook(lambda m, gi, go: reached.add(m)) for m in layers]
+    with input_gradients_only(trainer.model):
+        trainer.forward_loss().backward()
+    for h in hooks:
         h.remove()
-    assert len(outputs) == len([m for m in trainer.model.modules() if any(True for _ in m.parameters(recurse=False))])
-    assert all(g is not None for g in grads) and all(p.grad is None for p in trainer.model.parameters())
+    assert reached == set(layers)
+    assert all(p.grad is None and p.requires_grad for p in trainer.model.parameters())
+
+
+def test_input_gradient_pass_is_the_backward_without_weight_gradients():
+    """8 x Linear(d, d) on data: a full backward is 8 weight-gradient GEMMs and 7 input-gradient ones
+    (the first layer's input needs none); the input-gradient pass is the 7 alone, and holds no more
+    memory than the full backward (not every layer output's gradient at once)."""
+    from dpkernels.profiling.memory import peak_memory
+    from dpkernels.profiling.step import input_gradients_only
+
+    trainer = Trainer(SMALL["linear"](), "nondp", torch.device("cpu"))
+    full = backward_flops(trainer)
+    with input_gradients_only(trainer.model):
+        assert backward_flops(trainer) * 15 == full * 7
+    peaks = []
+    for only_inputs in (False, True):
+        with input_gradients_only(trainer.model) if only_inputs else contextlib.nullcontext():
+            out = trainer.forward_loss()
+            with peak_memory(torch.device("cpu")) as mem:
+                out.backward()
+            del out
+        trainer.optimizer.zero_grad(set_to_none=True)
+        peaks.append(mem["peak_bytes"])
+    assert 0 < peaks[1] <= peaks[0]
 
 
 def test_step_modes_cover_nondp_opacus_and_dpkernels():

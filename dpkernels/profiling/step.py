@@ -187,19 +187,31 @@ def median_step_time_and_peak(trainer: Trainer, steps: int) -> tuple:
     return statistics.median(times), mem["peak_bytes"]
 
 
-def layer_outputs(model: nn.Module):
-    """(list that fills with the tensor outputs of every module owning a trainable parameter during a
-    forward pass, the hook handles to remove)."""
-    outputs, handles = [], []
+@contextlib.contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """Inside the block, a forward and ``backward`` form input gradients only, as a two-pass step's
+    extra pass does: the trainable parameters are frozen, and the output of each layer that owns one
+    and is called on inputs without a gradient (the first layers: embeddings, patch projections) is
+    made a new graph leaf, so the backward runs through every layer but forms no weight gradient and
+    holds no more memory than a full backward.  Restores ``requires_grad`` on the way out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
-    def keep(_module, _inputs, out):
-        if torch.is_tensor(out) and out.requires_grad:
-            outputs.append(out)
+    def leaf(_module, _inputs, out):
+        if torch.is_tensor(out) and out.is_floating_point() and not out.requires_grad:
+            return out.detach().requires_grad_().clone()  # a clone: the model may change it in place
+        return None
 
-    for m in model.modules():
-        if any(p.requires_grad for p in m.parameters(recurse=False)):
-            handles.append(m.register_forward_hook(keep))
-    return outputs, handles
+    handles = [m.register_forward_hook(leaf) for m in layers]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def pass_times(trainer: Trainer, rounds: int) -> dict:
@@ -207,13 +219,12 @@ def pass_times(trainer: Trainer, rounds: int) -> dict:
 
         forward         forward and loss
         backward        the full backward pass (input and weight gradients)
-        input_backward  a backward pass that forms input gradients only: ``torch.autograd.grad`` of
-                        the loss with respect to every trainable layer's output (no weight gradients)
+        input_backward  a backward pass that forms input gradients only, through every layer
+                        (``input_gradients_only``: no weight gradients)
 
     A two-pass DP step needs at least forward + 2 input-gradient passes + 1 weight-gradient pass
     (= forward + input_backward + backward): ``two_pass_floor`` is that over forward + backward.
     """
-    outputs, handles = layer_outputs(trainer.model)
     times = {"forward": [], "backward": [], "input_backward": []}
 
     def timed(fn):
@@ -223,21 +234,17 @@ def pass_times(trainer: Trainer, rounds: int) -> dict:
         synchronize()
         return result, time.perf_counter() - start
 
-    try:
-        for r in range(rounds + 1):
-            outputs.clear()
-            loss, t_forward = timed(trainer.forward_loss)
-            _, t_backward = timed(loss.backward)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            outputs.clear()
+    for r in range(rounds + 1):
+        loss, t_forward = timed(trainer.forward_loss)
+        _, t_backward = timed(loss.backward)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with input_gradients_only(trainer.model):
             loss = trainer.forward_loss()
-            _, t_input = timed(lambda: torch.autograd.grad(loss, outputs, allow_unused=True))
-            if r:  # round 0 warms up
-                for name, t in zip(times, (t_forward, t_backward, t_input)):
-                    times[name].append(t)
-    finally:
-        for h in handles:
-            h.remove()
+            _, t_input = timed(loss.backward)
+        del loss
+        if r:  # round 0 warms up
+            for name, t in zip(times, (t_forward, t_backward, t_input)):
+                times[name].append(t)
     out = {name: statistics.median(ts) for name, ts in times.items()}
     out["two_pass_floor"] = (out["forward"] + out["input_backward"] + out["backward"]) / (out["forward"] + out["backward"])
     return out

@@ -5,7 +5,7 @@
 
 For every device kind under benchmarks/baselines/, the newest baseline file's step-level results:
 per workload and precision, each mode's time and peak memory as ratios to non-private training
-measured in the same run.
+measured in the same run; "–" where a mode was not run (out of memory, or left out as too slow).
 """
 
 from __future__ import annotations
@@ -40,11 +40,23 @@ def step_rows(data: dict):
     return rows
 
 
+def against(data: dict) -> str:
+    """What the ratios of a baseline are against: the non-private step its steps recorded
+    (``nondp_loss_call``), or, for a baseline from before that was recorded, a warning."""
+    steps = [b["extra_info"] for b in data["benchmarks"] if "time_ratio" in b["extra_info"]]
+    if steps and all("nondp_loss_call" in info for info in steps):
+        return "ratios to the idiomatic non-private step of the same run"
+    return ("**stale**: recorded before the non-private step was the idiomatic loop (its non-private step used the DP "
+            "criterion's loss layout, so these ratios understate the cost of DP) and without work counts; "
+            "re-record it on this GPU (`python benchmarks/rebaseline.py`)")
+
+
 def table_for(device: str, data: dict) -> str:
     env = data["machine_info"]["dpkernels"]
     rows = step_rows(data)
     modes = [m for m in MODE_ORDER if any(m in r for r in rows.values())]
-    head = f"**{env['device']}** (torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, dpkernels {env['dpkernels']}): time / peak memory as × non-private\n\n"
+    head = (f"**{env['device']}** (torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, dpkernels {env['dpkernels']}; "
+            f"recorded {data['datetime'][:10]}): time / peak memory as × non-private; {against(data)}\n\n")
     lines = ["| workload | precision | " + " | ".join(modes) + " |", "|---|---|" + "---|" * len(modes)]
     for (workload, precision), by_mode in sorted(rows.items()):
         cells = [f"{by_mode[m][0]:.2f} / {by_mode[m][1]:.2f}" if m in by_mode else "–" for m in modes]

@@ -10,6 +10,7 @@ benchmark whose allocation size, matmul rows and extra operator calls come from 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -141,14 +142,31 @@ def test_a_baseline_of_another_device_is_refused(bench_dir):
     refused.stderr.fnmatch_lines(["*refusing to compare benchmarks on*"])
 
 
-def load_rebaseline():
+def load_tool(name: str):
+    """A script of benchmarks/ (not a package: it is run by path) as a module."""
     import importlib.util
 
-    path = CONFTEST.parent / "rebaseline.py"
-    spec = importlib.util.spec_from_file_location("dpkernels_rebaseline", path)
+    spec = importlib.util.spec_from_file_location(f"dpkernels_{name}", CONFTEST.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_rebaseline():
+    return load_tool("rebaseline")
+
+
+def test_readme_table_flags_a_baseline_without_the_idiomatic_non_private_step():
+    """A baseline whose steps record their non-private loss call is headed as ratios to the idiomatic
+    non-private step; one recorded before that (no ``nondp_loss_call``) is headed stale."""
+    table = load_tool("readme_table")
+    recorded = json.loads(next((CONFTEST.parent / "baselines" / "cpu").glob("*/*.json")).read_text())
+    assert "idiomatic non-private step" in table.table_for("cpu", recorded) and "stale" not in table.table_for("cpu", recorded)
+    old = copy.deepcopy(recorded)
+    for bench in old["benchmarks"]:
+        bench["extra_info"].pop("nondp_loss_call", None)
+    head = table.table_for("cpu", old).splitlines()[0]
+    assert "**stale**" in head and "recorded " + recorded["datetime"][:10] in head
 
 
 def test_a_baseline_merged_from_parts_holds_every_part_and_replaces_the_old_one(tmp_path):

@@ -110,6 +110,8 @@ def test_two_pass_floor_is_measured_per_pass():
     assert 0 < times["input_backward"] and 0 < times["forward"] and 0 < times["backward"]
     expected = (times["forward"] + times["input_backward"] + times["backward"]) / (times["forward"] + times["backward"])
     assert times["two_pass_floor"] == pytest.approx(expected)
+    with_norms = (times["forward"] + 2 * times["backward"]) / (times["forward"] + times["backward"])
+    assert times["two_backward_floor"] == pytest.approx(with_norms) and times["two_backward_floor"] > 1
 
 
 def backward_flops(trainer) -> int:

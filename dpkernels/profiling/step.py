@@ -224,6 +224,9 @@ def pass_times(trainer: Trainer, rounds: int) -> dict:
 
     A two-pass DP step needs at least forward + 2 input-gradient passes + 1 weight-gradient pass
     (= forward + input_backward + backward): ``two_pass_floor`` is that over forward + backward.
+    Its first pass also forms the per-sample norms; where they cost what the weight gradients do (the
+    "direct" norm: one per-sample GEMM of the dW GEMM's flops per Linear), the step is forward + 2 full
+    backward passes: ``two_backward_floor`` = (forward + 2 backward) / (forward + backward).
     """
     times = {"forward": [], "backward": [], "input_backward": []}
 
@@ -247,4 +250,5 @@ def pass_times(trainer: Trainer, rounds: int) -> dict:
                 times[name].append(t)
     out = {name: statistics.median(ts) for name, ts in times.items()}
     out["two_pass_floor"] = (out["forward"] + out["input_backward"] + out["backward"]) / (out["forward"] + out["backward"])
+    out["two_backward_floor"] = (out["forward"] + 2 * out["backward"]) / (out["forward"] + out["backward"])
     return out

@@ -42,13 +42,18 @@ def step_rows(data: dict):
 
 def against(data: dict) -> str:
     """What the ratios of a baseline are against: the non-private step its steps recorded
-    (``nondp_loss_call``), or, for a baseline from before that was recorded, a warning."""
+    (``nondp_loss_call``); a baseline from before that was recorded, or without the work counts the
+    gates compare (``flops``, ``op_calls``), is headed stale, saying which."""
     steps = [b["extra_info"] for b in data["benchmarks"] if "time_ratio" in b["extra_info"]]
-    if steps and all("nondp_loss_call" in info for info in steps):
+    missing = []
+    if not (steps and all("nondp_loss_call" in info for info in steps)):
+        missing.append("recorded before the non-private step was the idiomatic loop (its non-private step used the DP "
+                       "criterion's loss layout, so these ratios understate the cost of DP)")
+    if not all("flops" in b["extra_info"] and "op_calls" in b["extra_info"] for b in data["benchmarks"]):
+        missing.append("without the work counts the gates compare")
+    if not missing:
         return "ratios to the idiomatic non-private step of the same run"
-    return ("**stale**: recorded before the non-private step was the idiomatic loop (its non-private step used the DP "
-            "criterion's loss layout, so these ratios understate the cost of DP) and without work counts; "
-            "re-record it on this GPU (`python benchmarks/rebaseline.py`)")
+    return f"**stale**: {'; '.join(missing)}; re-record it on this GPU (`python benchmarks/rebaseline.py`)"
 
 
 def table_for(device: str, data: dict) -> str:

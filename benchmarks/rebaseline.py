@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 from typing import List
@@ -45,20 +46,19 @@ def merge(parts: List[Path], baselines: Path = BASELINES) -> Path:
     runs = [json.loads(Path(p).read_text()) for p in parts]
     if not runs:
         raise ValueError("no part to merge")
-    envs = [run["machine_info"].get("dpkernels", {}) for run in runs]
-    for path, env, run in zip(parts, envs, runs):
-        if any(env.get(k) != envs[0].get(k) for k in SAME) or run.get("commit_info", {}).get("id") != runs[0].get("commit_info", {}).get("id"):
+    recorded = [([run["machine_info"].get("dpkernels", {}).get(k) for k in SAME], run.get("commit_info", {}).get("id")) for run in runs]
+    for path, (env, commit) in zip(parts, recorded):
+        if (env, commit) != recorded[0]:
             raise ValueError(
-                f"{path} was recorded on {[env.get(k) for k in SAME]} at commit {run.get('commit_info', {}).get('id')}, "
-                f"{parts[0]} on {[envs[0].get(k) for k in SAME]} at {runs[0].get('commit_info', {}).get('id')}: "
+                f"{path} was recorded on {env} at commit {commit}, {parts[0]} on {recorded[0][0]} at {recorded[0][1]}: "
                 "a baseline's parts come from one device kind, one set of versions and one commit"
             )
-    names = [b["fullname"] for run in runs for b in run["benchmarks"]]
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    counts = Counter(b["fullname"] for run in runs for b in run["benchmarks"])
+    repeated = sorted(n for n, k in counts.items() if k > 1)
     if repeated:
         raise ValueError(f"benchmarks recorded in more than one part: {repeated}; split the run with -k so that each is in one part")
     merged = dict(runs[0], benchmarks=[b for run in runs for b in run["benchmarks"]])
-    folder = baselines / envs[0]["device_slug"]
+    folder = baselines / runs[0]["machine_info"]["dpkernels"]["device_slug"]
     target = folder / machine_folder(runs[0]["machine_info"]) / "0001_baseline.json"
     write_atomic(target, json.dumps(merged, indent=4))
     for old in folder.glob("*/*.json"):

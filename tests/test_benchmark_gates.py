@@ -152,13 +152,9 @@ def load_tool(name: str):
     return module
 
 
-def load_rebaseline():
-    return load_tool("rebaseline")
-
-
 def test_readme_table_flags_a_baseline_without_the_idiomatic_non_private_step():
-    """A baseline whose steps record their non-private loss call is headed as ratios to the idiomatic
-    non-private step; one recorded before that (no ``nondp_loss_call``) is headed stale."""
+    """A baseline whose steps record their non-private loss call and whose benchmarks have work counts is
+    headed as ratios to the idiomatic non-private step; one without either is headed stale, saying which."""
     table = load_tool("readme_table")
     recorded = json.loads(next((CONFTEST.parent / "baselines" / "cpu").glob("*/*.json")).read_text())
     assert "idiomatic non-private step" in table.table_for("cpu", recorded) and "stale" not in table.table_for("cpu", recorded)
@@ -166,14 +162,18 @@ def test_readme_table_flags_a_baseline_without_the_idiomatic_non_private_step():
     for bench in old["benchmarks"]:
         bench["extra_info"].pop("nondp_loss_call", None)
     head = table.table_for("cpu", old).splitlines()[0]
-    assert "**stale**" in head and "recorded " + recorded["datetime"][:10] in head
+    assert "**stale**" in head and "idiomatic loop" in head and "work counts" not in head and "recorded " + recorded["datetime"][:10] in head
+    uncounted = copy.deepcopy(recorded)
+    del uncounted["benchmarks"][0]["extra_info"]["op_calls"]
+    head = table.table_for("cpu", uncounted).splitlines()[0]
+    assert "**stale**" in head and "work counts" in head and "idiomatic loop" not in head
 
 
 def test_a_baseline_merged_from_parts_holds_every_part_and_replaces_the_old_one(tmp_path):
     """``rebaseline.py --merge``: the committed CPU baseline split in two parts (as two ``-k`` runs would
     record it) and merged gives back the same benchmarks, in the device's folder, replacing an older file;
     parts of different devices or versions, or repeating a benchmark, are refused."""
-    rebaseline = load_rebaseline()
+    rebaseline = load_tool("rebaseline")
     recorded = json.loads(next((CONFTEST.parent / "baselines" / "cpu").glob("*/*.json")).read_text())
     half = len(recorded["benchmarks"]) // 2
     parts = []

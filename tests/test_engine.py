@@ -148,6 +148,38 @@ def test_non_finite_norm_on_a_first_micro_batch_leaves_no_gradient(mode):
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), clean.parameters()))
 
 
+@pytest.mark.gpu
+def test_finiteness_check_on_cuda_waits_for_the_norms_only(monkeypatch):
+    """On CUDA the check reads the norms' finiteness without waiting for device work queued after them
+    (bookkeeping queues its clipped sums there): the device is still busy when a passing check returns.
+    Steps alternating finite and NaN norms on one model each get their own verdict (no stale flag)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dp_model, optimizer, criterion, _ = make_private(MLP().cuda(), mlp_batch(4), MLP_CASE, "bk", 1.0, "sum")
+    stream, check, busy = torch.cuda.current_stream(), DPClippingModule.check_norms_finite, []
+
+    def check_behind_queued_work(self):
+        torch.cuda._sleep(10**9)  # about half a second of device work between the norms and the check
+        check(self)
+        busy.append(not stream.query())
+
+    monkeypatch.setattr(DPClippingModule, "check_norms_finite", check_behind_queued_work)
+    for bad in (False, True, False, True, False):
+        x, y = (t.cuda() for t in mlp_batch(4))
+        if bad:
+            x[2, 0] = float("nan")
+            with pytest.raises(NonFiniteNormError, match=r"samples \[2\]"):
+                criterion(dp_model(x), y).backward()
+            assert all(p.grad is None for p in dp_model.parameters())
+        else:
+            criterion(dp_model(x), y).backward()
+            assert busy.pop(), "the check waited for the work queued after the norms"
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    assert busy == []
+
+
 class Custom(nn.Module):
     def __init__(self):
         super().__init__()

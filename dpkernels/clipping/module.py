@@ -180,6 +180,34 @@ def expand_to_batch(x: torch.Tensor, like_leading_one: bool, B: int) -> torch.Te
     return x.expand(B, *x.shape[1:]) if like_leading_one else x.unsqueeze(0).expand(B, *x.shape)
 
 
+class HostFlag:
+    """A CUDA bool that the host reads without waiting for the work queued after it.
+
+    ``bool(t)`` of a CUDA tensor copies it to the host behind everything queued on its stream so far,
+    so the host waits for all of that too: in bookkeeping, the clipped sums that are queued between the
+    norms and their finiteness check.  ``post(t)`` queues the copy into pinned host memory as soon as
+    ``t`` is computed, and an event marks it; ``bool(flag)`` waits for that event only, and the device
+    goes on with the clipped sums while the host issues the noise and the optimizer's step.  One ATen
+    call per check, as ``bool(t)`` (a copy instead of a scalar read): the pinned buffer, its numpy view
+    and the event are made once per device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.value = self.host.numpy()  # a view of the pinned buffer: read without an ATen call
+        self.event = torch.cuda.Event()
+
+    def post(self, flag: torch.Tensor) -> "HostFlag":
+        self.host.copy_(flag, non_blocking=True)
+        self.event.record(torch.cuda.current_stream(self.device))
+        return self
+
+    def __bool__(self) -> bool:
+        self.event.synchronize()
+        return bool(self.value)
+
+
 class DPClippingModule(GradSampleModuleFastGradientClipping):
     """An Opacus fast-gradient-clipping module whose per-sample norms come from dpkernels' layer rules.
 
@@ -244,7 +272,8 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
             _root_call=None,
             _rerun=set(),  # modules whose per-sample gradients come from torch.func over the root
             _rng_at_call={},
-            _finite=None,  # (the norms are finite: a device bool, the [entries, B] table), see check_norms_finite
+            _finite=None,  # (the norms are finite: a bool tensor or HostFlag, the [entries, B] table), see check_norms_finite
+            _host_flags={},  # CUDA device -> its HostFlag
             single_sample_step=False,
         )
         for key, value in state.items():
@@ -600,7 +629,7 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         table = torch.stack([sq.to(first.device, dt) for _, _, sq in self._param_norm_sq])  # [entries, B]
         table *= self._scale * self._scale
         total = table.sum(0)
-        object.__setattr__(self, "_finite", (torch.isfinite(total).all(), table))
+        object.__setattr__(self, "_finite", (self._posted(torch.isfinite(total).all()), table))
         if check_finite:
             self.check_norms_finite()
         self._set_param_norms(table)
@@ -608,8 +637,17 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
         self.per_sample_gradient_norms = norms
         return norms
 
+    def _posted(self, finite: torch.Tensor):
+        """``finite`` on its way to the host (a HostFlag) on a CUDA device; elsewhere the tensor itself."""
+        if finite.device.type != "cuda":
+            return finite
+        if finite.device not in self._host_flags:
+            self._host_flags[finite.device] = HostFlag(finite.device)
+        return self._host_flags[finite.device].post(finite)
+
     def check_norms_finite(self) -> None:
-        """Raise NonFiniteNormError if this step's per-sample norms hold a NaN or Inf (waits for them)."""
+        """Raise NonFiniteNormError if this step's per-sample norms hold a NaN or Inf (waits for the
+        norms, not for the work queued after them: see HostFlag)."""
         if self._finite is None:  # an empty batch: no norms
             return
         finite, table = self._finite
@@ -672,8 +710,9 @@ class DPClippingModule(GradSampleModuleFastGradientClipping):
 
         The norms' finiteness (``check_norms_finite``) is checked before any p.grad changes.  Where no
         p.grad is held yet (the first micro-batch of a step), the clipped gradients are all queued on
-        the device first, so that the device works while the host waits for the check; otherwise
-        (accumulating, or FSDP2's bucketed sums) the check comes first and the sums one at a time."""
+        the device first: on CUDA the check waits for the norms only, so the device works through the
+        sums while the host goes on to the optimizer's step; otherwise (accumulating, or FSDP2's
+        bucketed sums) the check comes first and the sums one at a time."""
         kept, self._kept[:] = list(self._kept), []
         scaled = coef * self._scale
         clipped = ((p, g.to(p.dtype)) for view in kept for p, g in view.clipped_grad(scaled).items())

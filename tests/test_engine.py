@@ -4,6 +4,7 @@ gradient accumulation, errors that name the layer, noise and accounting left to 
 from __future__ import annotations
 
 import copy
+import io
 
 import opacus
 import pytest
@@ -178,6 +179,10 @@ def test_finiteness_check_on_cuda_waits_for_the_norms_only(monkeypatch):
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
     assert busy == []
+    twin = copy.deepcopy(dp_model)  # a copy holds flags of its own, with the same verdict
+    assert all(twin._host_flags[d] is not f and bool(twin._host_flags[d]) == bool(f) for d, f in dp_model._host_flags.items())
+    assert twin._host_flags.keys() == dp_model._host_flags.keys() != set()
+    torch.save(dp_model, io.BytesIO())
 
 
 class Custom(nn.Module):

@@ -207,6 +207,17 @@ class HostFlag:
         self.event.synchronize()
         return bool(self.value)
 
+    def __reduce__(self):
+        """A copy (deepcopy, pickling: the event cannot be copied) is a flag of its own on the same
+        device, holding this one's value."""
+        return (HostFlag.holding, (self.device, bool(self)))
+
+    @classmethod
+    def holding(cls, device: torch.device, value: bool) -> "HostFlag":
+        flag = cls(device)
+        flag.value[()] = value
+        return flag
+
 
 class DPClippingModule(GradSampleModuleFastGradientClipping):
     """An Opacus fast-gradient-clipping module whose per-sample norms come from dpkernels' layer rules.

@@ -21,6 +21,7 @@ DPKERNELS_BENCH_ALL=1 also runs the steps ``SLOW`` leaves out.
 from __future__ import annotations
 
 import gc
+import math
 import os
 
 import pytest
@@ -150,8 +151,9 @@ def test_step(benchmark, measure, nondp_reference, two_pass_floor, capsys, workl
     if mode in MODES and MODES[mode].passes == 2:
         passes = two_pass_floor(workload, precision)
         benchmark.extra_info.update(passes_seconds=passes, two_pass_floor=passes["two_pass_floor"], two_backward_floor=passes["two_backward_floor"])
+        timed = "not timed (--benchmark-disable)" if math.isnan(seconds) else f"{seconds / base_time:.2f}x non-private"
         line = (
-            f"{workload.name} {precision} {mode}: {seconds / base_time:.2f}x non-private; two-pass floor {passes['two_pass_floor']:.2f}x, "
+            f"{workload.name} {precision} {mode}: {timed}; two-pass floor {passes['two_pass_floor']:.2f}x, "
             f"{passes['two_backward_floor']:.2f}x with norms at the weight gradients' cost "
             f"(forward {passes['forward'] * 1e3:.1f} ms, input-gradient pass {passes['input_backward'] * 1e3:.1f} ms, "
             f"full backward {passes['backward'] * 1e3:.1f} ms)"

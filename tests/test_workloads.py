@@ -111,7 +111,7 @@ def test_two_pass_floor_is_measured_per_pass():
     expected = (times["forward"] + times["input_backward"] + times["backward"]) / (times["forward"] + times["backward"])
     assert times["two_pass_floor"] == pytest.approx(expected)
     with_norms = (times["forward"] + 2 * times["backward"]) / (times["forward"] + times["backward"])
-    assert times["two_backward_floor"] == pytest.approx(with_norms) and times["two_backward_floor"] > 1
+    assert times["two_backward_floor"] == pytest.approx(with_norms)
 
 
 def backward_flops(trainer) -> int:

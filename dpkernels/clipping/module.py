@@ -189,7 +189,7 @@ class HostFlag:
     ``t`` is computed, and an event marks it; ``bool(flag)`` waits for that event only, and the device
     goes on with the clipped sums while the host issues the noise and the optimizer's step.  One ATen
     call per check, as ``bool(t)`` (a copy instead of a scalar read): the pinned buffer, its numpy view
-    and the event are made once per device.
+    and the event are made once per device (per wrapped model).
     """
 
     def __init__(self, device: torch.device):
